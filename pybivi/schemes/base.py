@@ -35,6 +35,9 @@ class ReactionScheme(abc.ABC):
     kinetic_param_names
         Names of the per cell-and-gene kinetic parameters returned by
         :meth:`kinetic_params`, in a stable order (used for posterior export).
+    exact_param_names
+        The short names of the same parameters, in the same order, as taken by
+        :func:`pybivi.cme.exact_pmf` (e.g. ``("b", "beta", "gamma")``).
     uses_theta
         Whether the per-gene shape ``theta`` enters the law (``False`` for the
         constitutive scheme, whose ``theta`` is ignored).
@@ -42,10 +45,13 @@ class ReactionScheme(abc.ABC):
 
     name: str = "abstract"
     kinetic_param_names: tuple[str, ...] = ()
+    exact_param_names: tuple[str, ...] = ()
     uses_theta: bool = True
 
     @abc.abstractmethod
-    def kinetic_params(self, mu_nascent: Tensor, mu_mature: Tensor, theta: Tensor) -> dict[str, Tensor]:
+    def kinetic_params(
+        self, mu_nascent: Tensor, mu_mature: Tensor, theta: Tensor
+    ) -> dict[str, Tensor]:
         """Map ``(mu_nascent, mu_mature, theta)`` to the kinetic parameters (SPEC section 3)."""
 
     @abc.abstractmethod
@@ -60,7 +66,7 @@ class ReactionScheme(abc.ABC):
         mu_nascent: Tensor,
         mu_mature: Tensor,
         theta: Tensor,
-        sample_shape: torch.Size | tuple[int, ...] = torch.Size(),
+        sample_shape: torch.Size | tuple[int, ...] = (),
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Exact draws of ``(nascent, mature)``; shape ``sample_shape + batch_shape + (2,)``."""
@@ -81,13 +87,66 @@ class ReactionScheme(abc.ABC):
     def exact_pmf(
         self, n_max: int | None = None, m_max: int | None = None, **kinetic: float
     ) -> np.ndarray:
-        """Exact steady-state joint PMF on ``[0, n_max] x [0, m_max]`` (see :func:`pybivi.cme.exact_pmf`)."""
+        """Exact steady-state joint PMF on ``[0, n_max] x [0, m_max]`` (see ``cme.exact_pmf``)."""
         from pybivi.cme import exact_pmf
 
         return exact_pmf(self.name, n_max=n_max, m_max=m_max, **kinetic)
 
+    def exact_pmf_from_means(
+        self,
+        mu_nascent: float,
+        mu_mature: float,
+        theta: float,
+        n_max: int | None = None,
+        m_max: int | None = None,
+    ) -> np.ndarray:
+        """Exact joint PMF for one scalar ``(mu_nascent, mu_mature, theta)``.
+
+        Maps the means to kinetic parameters with :meth:`kinetic_params` and calls
+        :meth:`exact_pmf` with the short names of :attr:`exact_param_names`.
+        """
+        if len(self.exact_param_names) != len(self.kinetic_param_names):
+            raise NotImplementedError(
+                f"scheme {self.name!r} declares no exact_param_names; it has no exact solver"
+            )
+        mu_n, mu_m, th = as_tensors(float(mu_nascent), float(mu_mature), float(theta))
+        kinetic = self.kinetic_params(mu_n.double(), mu_m.double(), th.double())
+        short = {
+            short_name: float(kinetic[long_name])
+            for short_name, long_name in zip(
+                self.exact_param_names, self.kinetic_param_names, strict=True
+            )
+        }
+        return self.exact_pmf(n_max=n_max, m_max=m_max, **short)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def nb_log_prob(value: Tensor, mu: Tensor, theta: Tensor) -> Tensor:
+    """Log-pmf of a negative binomial with mean ``mu`` and shape (inverse dispersion) ``theta``.
+
+    ``Var = mu + mu**2 / theta``. Written with ``log1p`` so that large ``theta`` (the
+    Poisson limit) does not lose the ``theta * log(theta / (theta + mu))`` term.
+    """
+    log_theta_mu = torch.log(theta + mu)
+    return (
+        torch.lgamma(value + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(value + 1.0)
+        - theta * torch.log1p(mu / theta)
+        + value * (torch.log(mu) - log_theta_mu)
+    )
+
+
+def poisson_log_prob(value: Tensor, rate: Tensor) -> Tensor:
+    """Log-pmf of a Poisson law with mean ``rate`` (``rate > 0``)."""
+    return value * torch.log(rate) - rate - torch.lgamma(value + 1.0)
+
+
+def broadcast_params(*values: Tensor | float) -> list[Tensor]:
+    """Convert to tensors of a common floating dtype and broadcast them."""
+    return list(torch.broadcast_tensors(*as_tensors(*values)))
 
 
 def as_tensors(*values: Tensor | float, like: Tensor | None = None) -> list[Tensor]:
