@@ -87,8 +87,12 @@ def test_prepare_filters_scores_and_subsets(mouse):
     flat_frac = np.mean([g in kept for g in a.var_names[137:]])
     assert block_frac > 0.5 and flat_frac < 0.2
     # Phase recovered from the markers on the full transcriptome.
-    agree = (out.obs["phase"].astype(str) == out.obs["true_phase"]).mean()
-    assert agree > 0.9
+    scored, truth = out.obs["phase"].astype(str), out.obs["true_phase"]
+    cycling = truth != "G1"
+    assert (scored[cycling] == truth[cycling]).mean() > 0.95
+    # G1 is "neither score above 0", relative to control genes drawn from the same
+    # expression bins, so it is recovered less sharply than S and G2M.
+    assert (scored == truth).mean() > 0.8
     assert out.obs["is_control"].sum() == (out.obs.guide == "NT").sum()
 
 
