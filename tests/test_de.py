@@ -69,8 +69,9 @@ def test_change_mode_matches_closed_form(shift):
     sd = s * np.sqrt(2)
     p = max(norm.sf((delta - shift) / sd), norm.cdf((-delta - shift) / sd))
     np.testing.assert_allclose(res["proba_de"], p, atol=4 * np.sqrt(p * (1 - p) / n))
-    np.testing.assert_allclose(res["bayes_factor"], res["proba_de"] / (1 - res["proba_de"]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        res["bayes_factor"], res["proba_de"] / (1 - res["proba_de"]), rtol=1e-6
+    )
     np.testing.assert_allclose(res["log_bayes_factor"], np.log(res["bayes_factor"]))
     assert np.all(res["direction"] == np.sign(shift))
 

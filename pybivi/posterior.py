@@ -1,0 +1,460 @@
+"""Posterior samples of a fitted model as an :class:`arviz.InferenceData`.
+
+:func:`posterior` (bound as ``model.posterior(...)``) draws latents from the guide for
+the chosen cells and decodes them into per cell-and-gene quantities:
+
+* ``z`` (dims ``cell, z_latent``) and ``t`` (``cell, t_latent``; exactly 0 for controls);
+* ``mean_nascent`` and ``mean_mature`` (``mu_N``, ``mu_M``) and every kinetic parameter of
+  the model's reaction scheme, named by ``scheme.kinetic_param_names`` (bursty:
+  ``burst_size``, ``splicing_rate`` = beta/k, ``degradation_rate`` = gamma/k), with dims
+  ``library, cell, gene``. ``library="observed"`` decodes with each cell's own library;
+  ``library="reference"`` with the median training library of each species
+  (``model.registry.reference_library``), which is what groups are compared on.
+
+A user-defined scheme exports its own parameter names with no change here. The other
+groups are ``observed_data`` (the counts, under the Pyro site name ``x`` with a trailing
+``species`` dim, or ``x_mature``), ``constant_data`` (per-species libraries, perturbation
+labels, control flags, the ``groupby`` column, ``theta``) and optionally
+``posterior_predictive`` (replicated counts from the model's likelihood, drawn with
+:class:`pyro.infer.Predictive` given the same latent draws).
+
+The sampling core, :func:`iter_draws`, works one minibatch at a time so that memory is
+bounded by what the caller keeps; :func:`pooled_samples` is what :mod:`pybivi.de` uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["posterior", "iter_draws", "pooled_samples", "quantity_names", "LIBRARIES"]
+
+LIBRARIES = ("observed", "reference")
+
+
+@contextlib.contextmanager
+def _evaluation(module: torch.nn.Module):
+    """Eval mode (no dropout, running batch-norm statistics) and no autograd, restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)
+
+
+def quantity_names(model: Any) -> tuple[str, ...]:
+    """Per cell-and-gene quantities the model exports: means, then kinetic parameters."""
+    module = model.module
+    species = tuple(getattr(module, "species", ("nascent", "mature")))
+    names = tuple(f"mean_{s}" for s in species)
+    if module.scheme is not None and "nascent" in species:
+        names += tuple(module.scheme.kinetic_param_names)
+    return names
+
+
+def _gene_index(model: Any, genes: Sequence[str] | None) -> np.ndarray:
+    var_names = list(model.registry.var_names)
+    if genes is None:
+        return np.arange(len(var_names))
+    lookup = {g: i for i, g in enumerate(var_names)}
+    missing = [g for g in genes if g not in lookup]
+    if missing:
+        raise KeyError(f"genes not in the model: {missing[:5]}")
+    return np.array([lookup[g] for g in genes], dtype=np.int64)
+
+
+def _draw(loc_scale: tuple[torch.Tensor, torch.Tensor], n: int, gen: torch.Generator):
+    loc, scale = loc_scale
+    eps = torch.randn((n, *loc.shape), generator=gen, dtype=loc.dtype, device="cpu")
+    return loc + scale * eps.to(loc.device)
+
+
+def _decoded_quantities(module: Any, decoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {k.replace("mu_", "mean_"): v for k, v in decoded.items() if k.startswith("mu_")}
+    out.update({k: v for k, v in decoded.items() if k.startswith("rho_")})
+    if module.scheme is not None and "mu_nascent" in decoded:
+        kinetic = module.scheme.kinetic_params(
+            decoded["mu_nascent"], decoded["mu_mature"], module.theta
+        )
+        out.update({k: kinetic[k] for k in module.scheme.kinetic_param_names})
+    return out
+
+
+def iter_draws(
+    model: Any,
+    indices: Sequence[int] | np.ndarray | None = None,
+    n_samples: int = 1,
+    *,
+    quantities: Sequence[str] | None = None,
+    libraries: Sequence[str] = LIBRARIES,
+    genes: Sequence[str] | None = None,
+    adata: Any = None,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+    """Posterior draws, one minibatch of cells at a time.
+
+    Parameters
+    ----------
+    model
+        A fitted pybivi model (``module``, ``registry``, ``make_batches``).
+    indices
+        Rows of the AnnData to draw for (all cells by default).
+    n_samples
+        Draws per cell.
+    quantities
+        Per cell-and-gene quantities to decode (default :func:`quantity_names`); also
+        accepted: ``"rho_nascent"``/``"rho_mature"`` (normalised expression).
+    libraries
+        Any of ``"observed"`` and ``"reference"``.
+    genes
+        Gene names to keep (all by default).
+    adata
+        Another AnnData with the model's genes (default: the training data).
+    batch_size
+        Cells per minibatch.
+    seed
+        Seed of the latent draws (the global RNG is untouched).
+
+    Yields
+    ------
+    tuple
+        ``(batch, draws)`` with ``draws["z"]``/``draws["t"]`` of shape ``(S, B, latent)``
+        (``t`` is ``None`` without salient latents; 0 for controls) and
+        ``draws[library][quantity]`` of shape ``(S, B, n_genes_kept)``.
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    bad = [lib for lib in libraries if lib not in LIBRARIES]
+    if bad:
+        raise ValueError(f"libraries must be among {LIBRARIES}, got {bad}")
+    module = model.module
+    wanted = tuple(quantities) if quantities is not None else quantity_names(model)
+    gene_idx = torch.as_tensor(_gene_index(model, genes))
+    ref = model.registry.reference_library
+    gen = torch.Generator().manual_seed(int(seed))
+    with _evaluation(module):
+        batches = model.make_batches(adata=adata, indices=indices, batch_size=batch_size)
+        for batch in batches:
+            params = module.encode(batch)
+            z = _draw(params["z"], n_samples, gen)
+            t = None
+            if "t" in params:
+                t = _draw(params["t"], n_samples, gen)
+                # Controls have t = 0 exactly (a delta at 0), whatever q(t | x) says.
+                t = torch.where(batch["is_control"].unsqueeze(-1), torch.zeros_like(t), t)
+            draws: dict[str, Any] = {"z": z, "t": t}
+            for lib in libraries:
+                if lib == "observed":
+                    lib_n, lib_m = batch.get("library_nascent"), batch["library_mature"]
+                else:
+                    lib_n, lib_m = ref["nascent"], ref["mature"]
+                available = _decoded_quantities(module, module.decode(z, t, lib_n, lib_m))
+                missing = [q for q in wanted if q not in available]
+                if missing:
+                    raise KeyError(
+                        f"quantities {missing} are not available for this model "
+                        f"(available: {sorted(available)})"
+                    )
+                gi = gene_idx.to(z.device)
+                draws[lib] = {q: available[q].index_select(-1, gi) for q in wanted}
+            yield batch, draws
+
+
+def pooled_samples(
+    model: Any,
+    indices: Sequence[int] | np.ndarray,
+    n_total: int,
+    quantities: Sequence[str],
+    *,
+    library: str = "reference",
+    genes: Sequence[str] | None = None,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Posterior samples of a group of cells, pooled: ``{quantity: (n_total, n_genes)}``.
+
+    Each cell gets ``ceil(n_total / n_cells)`` draws (one draw each for a random subset of
+    ``n_total`` cells when the group is larger), then ``n_total`` of the pooled draws
+    are kept at random. Memory: about ``2 n_total x n_genes`` floats per quantity.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    if indices.size == 0:
+        raise ValueError("the group has no cells")
+    rng = np.random.default_rng(seed)
+    if indices.size > n_total:
+        indices = np.sort(rng.choice(indices, size=n_total, replace=False))
+    per_cell = math.ceil(n_total / indices.size)
+    chunks: dict[str, list[np.ndarray]] = {q: [] for q in quantities}
+    for _, draws in iter_draws(
+        model,
+        indices,
+        per_cell,
+        quantities=quantities,
+        libraries=(library,),
+        genes=genes,
+        batch_size=batch_size,
+        seed=seed,
+    ):
+        for q in quantities:
+            v = draws[library][q]
+            chunks[q].append(v.reshape(-1, v.shape[-1]).cpu().numpy())
+    pooled = {q: np.concatenate(c, axis=0) for q, c in chunks.items()}
+    keep = rng.choice(len(next(iter(pooled.values()))), size=n_total, replace=False)
+    return {q: v[keep] for q, v in pooled.items()}
+
+
+def _obs_frame(model: Any, adata: Any):
+    adata = model.adata if adata is None else adata
+    if adata is None:
+        raise ValueError("the model holds no AnnData: pass adata=")
+    return adata
+
+
+def select_cells(
+    adata: Any,
+    indices: Sequence[int] | np.ndarray | None = None,
+    groupby: str | None = None,
+    groups: Sequence[str] | None = None,
+    max_cells_per_group: int | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """Rows of ``adata`` to draw for: ``indices``, or by group of ``obs[groupby]``.
+
+    With ``groupby``, only cells of ``groups`` (all groups by default) are kept, at most
+    ``max_cells_per_group`` of each (a seeded random subset).
+    """
+    rows = np.arange(adata.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= adata.n_obs):
+        raise ValueError(f"indices must lie in [0, {adata.n_obs}), got {rows.min()}..{rows.max()}")
+    if groupby is None:
+        if groups is not None or max_cells_per_group is not None:
+            raise ValueError("groups= and max_cells_per_group= need groupby=")
+        return rows
+    if groupby not in adata.obs:
+        raise KeyError(f"groupby column {groupby!r} not in adata.obs (columns: {list(adata.obs)})")
+    labels = adata.obs[groupby].astype(str).to_numpy()[rows]
+    wanted = np.unique(labels) if groups is None else [str(g) for g in groups]
+    unknown = [g for g in wanted if g not in set(labels)]
+    if unknown:
+        raise ValueError(f"groups {unknown} not found in adata.obs[{groupby!r}]")
+    rng = np.random.default_rng(seed)
+    keep = []
+    for g in wanted:
+        members = rows[labels == g]
+        if max_cells_per_group is not None and members.size > max_cells_per_group:
+            members = rng.choice(members, size=max_cells_per_group, replace=False)
+        keep.append(members)
+    return np.sort(np.concatenate(keep))
+
+
+def _predictive_counts(model: Any, batch: dict, z, t, genes_idx) -> np.ndarray:
+    """Replicated counts given the drawn latents, from the model's own likelihood site."""
+    from pyro.infer import Predictive
+
+    module = model.module
+    samples = {"z": z}
+    if t is not None:
+        samples["t"] = t
+    site = "x" if module.likelihood == "cme" else "x_mature"
+    predictive = Predictive(module.model, posterior_samples=samples, return_sites=[site])
+    counts = predictive(batch, 1.0, False)[site]
+    return counts.index_select(2, torch.as_tensor(genes_idx, device=counts.device)).cpu().numpy()
+
+
+def posterior(
+    model: Any,
+    adata: Any = None,
+    indices: Sequence[int] | np.ndarray | None = None,
+    n_samples: int = 25,
+    *,
+    groupby: str | None = None,
+    groups: Sequence[str] | None = None,
+    max_cells_per_group: int | None = None,
+    quantities: Sequence[str] | None = None,
+    libraries: Sequence[str] = LIBRARIES,
+    genes: Sequence[str] | None = None,
+    posterior_predictive: bool = False,
+    batch_size: int = 128,
+    seed: int = 0,
+):
+    """Posterior draws as an :class:`arviz.InferenceData` (one chain of ``n_samples`` draws).
+
+    Parameters
+    ----------
+    model
+        A fitted pybivi model.
+    adata
+        AnnData to draw for (default: the training data); it must have the model's genes.
+    indices
+        Rows of ``adata`` (default: all cells).
+    n_samples
+        Draws per cell from the guide.
+    groupby, groups, max_cells_per_group
+        Select cells by an ``obs`` column: only ``groups`` of it, at most
+        ``max_cells_per_group`` cells each (seeded); the column is exported in
+        ``constant_data``.
+    quantities
+        Per cell-and-gene variables to export (default: ``mean_*`` and the scheme's
+        kinetic parameters, see :func:`quantity_names`).
+    libraries
+        ``"observed"`` and/or ``"reference"`` (coordinates of the ``library`` dim).
+    genes
+        Gene names to export (default: all).
+    posterior_predictive
+        Also draw replicated counts for every draw (``posterior_predictive`` group).
+    batch_size
+        Cells per minibatch (bounds the working memory to one minibatch).
+    seed
+        Seed of the latent draws and of the replicated counts.
+
+    Returns
+    -------
+    arviz.InferenceData
+        Size: each exported per-gene variable holds ``n_samples x len(libraries) x
+        n_cells x n_genes`` float32 numbers (4 bytes each), the predictive counts
+        ``n_samples x n_cells x n_genes x n_species``; ``z``/``t`` are small. For 1,000
+        cells, 2,000 genes, 25 draws and the 5 bursty variables at 2 libraries that is
+        2 GB: restrict ``genes``, ``quantities``, ``indices`` or ``n_samples`` as needed.
+
+    Examples
+    --------
+    >>> idata = model.posterior(n_samples=10, genes=["GATA1"])   # doctest: +SKIP
+    >>> idata.posterior["burst_size"].sel(gene="GATA1", library="reference")  # doctest: +SKIP
+    """
+    adata = _obs_frame(model, adata)
+    rows = select_cells(adata, indices, groupby, groups, max_cells_per_group, seed)
+    if rows.size == 0:
+        raise ValueError("no cells selected")
+    names = tuple(quantities) if quantities is not None else quantity_names(model)
+    gene_idx = _gene_index(model, genes)
+    n_cells, n_genes = rows.size, gene_idx.size
+    store: dict[str, np.ndarray] = {
+        q: np.empty((n_samples, len(libraries), n_cells, n_genes), np.float32) for q in names
+    }
+    module = model.module
+    species = tuple(getattr(module, "species", ("nascent", "mature")))
+    observed = {s: np.empty((n_cells, n_genes), np.float32) for s in species}
+    const: dict[str, np.ndarray] = {}
+    latents: dict[str, np.ndarray] = {}
+    replicated = None
+    if posterior_predictive:
+        replicated = np.empty((n_samples, n_cells, n_genes, len(species)), np.float32)
+    pos = 0
+    draws_iter = iter_draws(
+        model,
+        rows,
+        n_samples,
+        quantities=names,
+        libraries=libraries,
+        genes=genes,
+        adata=adata,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    with contextlib.ExitStack() as stack:
+        if posterior_predictive:
+            stack.enter_context(torch.random.fork_rng())
+            torch.manual_seed(seed)
+        for batch, draws in draws_iter:
+            sl = slice(pos, pos + len(batch["index"]))
+            for name in ("z", "t"):
+                if draws[name] is not None:
+                    value = draws[name].cpu().numpy()
+                    latents.setdefault(
+                        name, np.empty((n_samples, n_cells, value.shape[-1]), np.float32)
+                    )
+                    latents[name][:, sl] = value
+            for li, lib in enumerate(libraries):
+                for q in names:
+                    store[q][:, li, sl] = draws[lib][q].cpu().numpy()
+            for s in species:
+                observed[s][sl] = batch[f"x_{s}"][:, gene_idx].cpu().numpy()
+            for key in ("library_nascent", "library_mature", "label", "is_control"):
+                if key in batch:
+                    const.setdefault(key, []).append(batch[key].cpu().numpy())
+            if replicated is not None:
+                replicated[:, sl] = _predictive_counts(
+                    model, batch, draws["z"], draws["t"], gene_idx
+                ).reshape(n_samples, -1, n_genes, len(species))
+            pos = sl.stop
+    return _to_inference_data(
+        model,
+        adata,
+        rows,
+        gene_idx,
+        libraries,
+        store,
+        latents,
+        observed,
+        const,
+        replicated,
+        groupby,
+    )
+
+
+def _to_inference_data(
+    model, adata, rows, gene_idx, libraries, store, latents, observed, const, replicated, groupby
+):
+    import arviz as az
+    import xarray as xr
+
+    registry = model.registry
+    cells = np.asarray(adata.obs_names)[rows].astype(str)
+    genes = np.asarray(registry.var_names)[gene_idx].astype(str)
+    species = list(observed)
+    n_draws = next(iter([*store.values(), *latents.values()])).shape[0]
+    coords = {"chain": [0], "draw": np.arange(n_draws)}
+    cell_gene = {"cell": cells, "gene": genes}
+    post = {
+        q: xr.DataArray(v[None], dims=("chain", "draw", "library", "cell", "gene"))
+        for q, v in store.items()
+    }
+    for name, value in latents.items():
+        post[name] = xr.DataArray(value[None], dims=("chain", "draw", "cell", f"{name}_latent"))
+    latent_coords = {f"{k}_latent": np.arange(v.shape[-1]) for k, v in latents.items()}
+    posterior_ds = xr.Dataset(
+        post, coords={**coords, **cell_gene, "library": list(libraries), **latent_coords}
+    )
+    if "nascent" in observed:
+        obs_da = xr.DataArray(
+            np.stack([observed[s] for s in species], -1), dims=("cell", "gene", "species")
+        )
+        obs_ds = xr.Dataset({"x": obs_da}, coords={**cell_gene, "species": species})
+        site = "x"
+    else:
+        obs_ds = xr.Dataset({"x_mature": (("cell", "gene"), observed["mature"])}, coords=cell_gene)
+        site = "x_mature"
+    labels = np.asarray([*registry.labels, "unknown"], dtype=str)
+    constant = {}
+    for key, parts in const.items():
+        value = np.concatenate(parts)
+        if key == "label":
+            value = labels[value]  # -1 (a label the model never saw) maps to "unknown"
+        constant[key] = (("cell",), value)
+    if groupby is not None:
+        constant[groupby] = (("cell",), adata.obs[groupby].astype(str).to_numpy()[rows])
+    theta = model.module.theta.detach().cpu().numpy()[gene_idx]
+    constant["theta"] = (("gene",), theta.astype(np.float32))
+    for s in ("nascent", "mature"):
+        ref = registry.reference_library.get(s, float("nan"))
+        constant[f"reference_library_{s}"] = ((), np.float64(ref))
+    const_ds = xr.Dataset(constant, coords=cell_gene)
+    groups = {"posterior": posterior_ds, "observed_data": obs_ds, "constant_data": const_ds}
+    if replicated is not None:
+        value = replicated if site == "x" else replicated[..., 0]
+        dims = ("chain", "draw", "cell", "gene", "species")[: value.ndim + 1]
+        pred = xr.DataArray(value[None], dims=dims)
+        extra = {"species": species} if site == "x" else {}
+        groups["posterior_predictive"] = xr.Dataset(
+            {site: pred}, coords={**coords, **cell_gene, **extra}
+        )
+    idata = az.InferenceData(**groups)
+    return idata
