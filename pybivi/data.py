@@ -1,0 +1,337 @@
+"""AnnData validation, registration and minibatching for the pybivi models.
+
+The model classes never read an AnnData directly: :func:`setup_anndata` checks the
+user's data once and records where the counts live, a :class:`Registry` remembers
+what the model was trained on (genes, labels, reference libraries), and a
+:class:`CellData` turns rows of an AnnData into minibatch dictionaries.
+
+Batch dictionaries (the contract every consumer relies on)
+----------------------------------------------------------
+``"x_nascent"``, ``"x_mature"``
+    float tensors ``(B, G)`` of raw counts (``"x_nascent"`` absent for mature-only models).
+``"library_nascent"``, ``"library_mature"``
+    float tensors ``(B,)``: the observed per-species totals of each cell
+    (``"library_nascent"`` absent for mature-only models).
+``"label"``
+    long tensor ``(B,)``: index into :attr:`Registry.labels` (controls included; ``-1``
+    for a label the model never saw).
+``"is_control"``
+    bool tensor ``(B,)``.
+``"index"``
+    long tensor ``(B,)``: the row of each cell in its AnnData.
+
+Counts may be scipy sparse: they stay sparse in the AnnData and only the rows of
+one minibatch are densified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+UNS_KEY = "_pybivi"
+
+
+@dataclasses.dataclass
+class Registry:
+    """What a model was set up and trained with.
+
+    Attributes
+    ----------
+    n_cells, n_genes
+        Shape of the training data.
+    obs_names, var_names
+        Cell and gene names of the training data.
+    labels
+        Sorted unique perturbation labels (controls included); ``label`` in a batch
+        indexes this list. ``[]`` when no perturbation key was registered.
+    control_labels
+        The labels that mark control cells.
+    perturbation_key
+        ``obs`` column holding the labels, or ``None``.
+    nascent_layer, mature_layer
+        Layers of the counts (``None`` means ``adata.X``); ``use_nascent`` says
+        whether the model reads nascent counts at all.
+    reference_library
+        ``{"nascent": float, "mature": float}``: the median per-species library of the
+        training cells (``nan`` for a species the model does not use).
+    """
+
+    n_cells: int
+    n_genes: int
+    obs_names: list[str]
+    var_names: list[str]
+    labels: list[str]
+    control_labels: list[str]
+    perturbation_key: str | None
+    nascent_layer: str | None
+    mature_layer: str | None
+    use_nascent: bool
+    reference_library: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable copy."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> Registry:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**state)
+
+    def check_genes(self, adata: Any) -> None:
+        """Raise ``ValueError`` unless ``adata`` has exactly the registered genes, in order."""
+        names = [str(v) for v in adata.var_names]
+        if names != self.var_names:
+            missing = sorted(set(self.var_names) - set(names))[:5]
+            extra = sorted(set(names) - set(self.var_names))[:5]
+            raise ValueError(
+                f"the AnnData's genes differ from the {self.n_genes} genes the model was set up "
+                f"with (it has {len(names)}; missing e.g. {missing}, unexpected e.g. {extra}; "
+                "or the order differs). Subset it with adata[:, model.registry.var_names]."
+            )
+
+
+def _layer(adata: Any, layer: str | None) -> Any:
+    if layer is None:
+        return adata.X
+    if layer not in adata.layers:
+        raise KeyError(
+            f"layer {layer!r} not found in adata.layers (available: {list(adata.layers.keys())})"
+        )
+    return adata.layers[layer]
+
+
+def _check_counts(matrix: Any, what: str, shape: tuple[int, int]) -> None:
+    """Raise ``ValueError`` unless ``matrix`` holds finite non-negative integer counts."""
+    if matrix is None:
+        raise ValueError(f"{what} is empty (None)")
+    if tuple(matrix.shape) != tuple(shape):
+        raise ValueError(f"{what} has shape {tuple(matrix.shape)}, expected {tuple(shape)}")
+    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
+    values = np.asarray(values)
+    if not np.issubdtype(values.dtype, np.number):
+        raise ValueError(f"{what} must be numeric, got dtype {values.dtype}")
+    if values.size == 0:
+        return
+    if np.issubdtype(values.dtype, np.floating):
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"{what} contains NaN or infinite values; counts must be finite")
+        if np.any(values != np.round(values)):
+            raise ValueError(
+                f"{what} contains non-integer values; pybivi needs raw counts, not normalised data"
+            )
+    if values.min() < 0:
+        raise ValueError(f"{what} contains negative values; counts must be >= 0")
+
+
+def _row_sums(matrix: Any) -> np.ndarray:
+    return np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()
+
+
+def setup_anndata(
+    adata: Any,
+    perturbation_key: str | None = "perturbation",
+    control_labels: Sequence[str] | str = ("NT",),
+    nascent_layer: str | None = "unspliced",
+    mature_layer: str | None = "spliced",
+    use_nascent: bool = True,
+    contrastive: bool = True,
+) -> None:
+    """Validate ``adata`` and record the setup in ``adata.uns["_pybivi"]``.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes AnnData with raw counts.
+    perturbation_key
+        ``obs`` column of perturbation labels. Required for contrastive models; for the
+        others it may be ``None`` (or absent from ``obs``), and is then ignored.
+    control_labels
+        Label(s) that mark control cells (e.g. non-targeting guides).
+    nascent_layer, mature_layer
+        Layers holding nascent (unspliced) and mature (spliced) counts; ``None`` means
+        ``adata.X``. The nascent layer is only read when ``use_nascent`` is true.
+    use_nascent
+        Whether the model reads nascent counts (false for mature-only models).
+    contrastive
+        Whether the model needs both control and perturbed cells.
+
+    Raises
+    ------
+    KeyError
+        A layer or the perturbation key is missing.
+    ValueError
+        Counts are negative, non-integer, NaN or of mismatched shapes; a cell has no
+        counts in a species; a control label never occurs; no control or no perturbed cells.
+    """
+    if isinstance(control_labels, str):
+        control_labels = (control_labels,)
+    control_labels = [str(c) for c in control_labels]
+    shape = (adata.n_obs, adata.n_vars)
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(f"the AnnData is empty (shape {shape})")
+    species = [("mature", mature_layer)] + ([("nascent", nascent_layer)] if use_nascent else [])
+    for name, layer in species:
+        matrix = _layer(adata, layer)
+        where = "adata.X" if layer is None else f"layer {layer!r}"
+        _check_counts(matrix, f"{name} counts ({where})", shape)
+        empty = np.flatnonzero(_row_sums(matrix) <= 0)
+        if empty.size:
+            raise ValueError(
+                f"{empty.size} cell(s) have no {name} counts (e.g. {adata.obs_names[empty[0]]!r}); "
+                "their library size is zero. Filter them out first (e.g. sc.pp.filter_cells)."
+            )
+    key = perturbation_key
+    if key is not None and key not in adata.obs:
+        if contrastive:
+            raise KeyError(
+                f"perturbation key {key!r} not found in adata.obs (columns: {list(adata.obs)})"
+            )
+        key = None
+    if key is not None:
+        labels = adata.obs[key].astype(str).to_numpy()
+        present = set(labels)
+        absent = [c for c in control_labels if c not in present]
+        if contrastive:
+            if absent:
+                raise ValueError(
+                    f"control label(s) {absent} never occur in adata.obs[{key!r}] "
+                    f"(labels seen: {sorted(present)[:10]})"
+                )
+            is_control = np.isin(labels, control_labels)
+            if not is_control.any():
+                raise ValueError("no control cells: a contrastive model needs some")
+            if is_control.all():
+                raise ValueError("no perturbed cells: every cell carries a control label")
+    adata.uns[UNS_KEY] = {
+        "perturbation_key": key if key is not None else "",
+        "control_labels": list(control_labels),
+        "nascent_layer": nascent_layer if nascent_layer is not None else "",
+        "mature_layer": mature_layer if mature_layer is not None else "",
+        "use_nascent": bool(use_nascent),
+    }
+
+
+def _setup_args(adata: Any) -> dict[str, Any]:
+    if UNS_KEY not in adata.uns:
+        raise ValueError("the AnnData is not set up: call Model.setup_anndata(adata, ...) first")
+    stored = dict(adata.uns[UNS_KEY])
+    return {
+        "perturbation_key": stored["perturbation_key"] or None,
+        "control_labels": [str(c) for c in stored["control_labels"]],
+        "nascent_layer": stored["nascent_layer"] or None,
+        "mature_layer": stored["mature_layer"] or None,
+        "use_nascent": bool(stored["use_nascent"]),
+    }
+
+
+def make_registry(adata: Any) -> Registry:
+    """Build the :class:`Registry` of an AnnData prepared by :func:`setup_anndata`."""
+    args = _setup_args(adata)
+    key = args["perturbation_key"]
+    labels = sorted(set(adata.obs[key].astype(str))) if key is not None else []
+    mature = _row_sums(_layer(adata, args["mature_layer"]))
+    reference = {"nascent": float("nan"), "mature": float(np.median(mature))}
+    if args["use_nascent"]:
+        reference["nascent"] = float(np.median(_row_sums(_layer(adata, args["nascent_layer"]))))
+    return Registry(
+        n_cells=int(adata.n_obs),
+        n_genes=int(adata.n_vars),
+        obs_names=[str(o) for o in adata.obs_names],
+        var_names=[str(v) for v in adata.var_names],
+        labels=labels,
+        control_labels=args["control_labels"],
+        perturbation_key=key,
+        nascent_layer=args["nascent_layer"],
+        mature_layer=args["mature_layer"],
+        use_nascent=args["use_nascent"],
+        reference_library=reference,
+    )
+
+
+class CellData:
+    """Rows of one AnnData as minibatch dictionaries (see the module docstring).
+
+    Parameters
+    ----------
+    adata
+        The AnnData; it must have the registry's genes. Its counts are validated
+        unless ``check`` is false (the training AnnData was validated at setup).
+    registry
+        The model's registry: layers, labels and control labels are read from it.
+    check
+        Validate the counts of ``adata``.
+    """
+
+    def __init__(self, adata: Any, registry: Registry, check: bool = True) -> None:
+        registry.check_genes(adata)
+        self.n_cells = int(adata.n_obs)
+        shape = (adata.n_obs, adata.n_vars)
+        self._matrices: dict[str, Any] = {}
+        species = [("mature", registry.mature_layer)]
+        if registry.use_nascent:
+            species.append(("nascent", registry.nascent_layer))
+        for name, layer in species:
+            matrix = _layer(adata, layer)
+            if check:
+                _check_counts(matrix, f"{name} counts", shape)
+            # CSR makes row slicing cheap; dense stays dense (no copy for float32 input).
+            matrix = sp.csr_matrix(matrix) if sp.issparse(matrix) else np.asarray(matrix)
+            self._matrices[name] = matrix
+        self.library = {name: _row_sums(m).astype(np.float32) for name, m in self._matrices.items()}
+        if check and any((lib <= 0).any() for lib in self.library.values()):
+            raise ValueError("some cells have a zero library size; filter them out first")
+        self.label = np.full(self.n_cells, -1, dtype=np.int64)
+        self.is_control = np.zeros(self.n_cells, dtype=bool)
+        key = registry.perturbation_key
+        if key is not None:
+            if key not in adata.obs:
+                raise KeyError(f"perturbation key {key!r} not found in adata.obs")
+            labels = adata.obs[key].astype(str).to_numpy()
+            lookup = {label: i for i, label in enumerate(registry.labels)}
+            self.label = np.array([lookup.get(lab, -1) for lab in labels], dtype=np.int64)
+            self.is_control = np.isin(labels, registry.control_labels)
+
+    def batch(self, indices: np.ndarray, device: torch.device | str = "cpu") -> dict[str, Any]:
+        """The batch dictionary of the cells at rows ``indices``."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out: dict[str, torch.Tensor] = {}
+        for name, matrix in self._matrices.items():
+            rows = matrix[indices]
+            rows = rows.toarray() if sp.issparse(rows) else rows
+            out[f"x_{name}"] = torch.as_tensor(np.asarray(rows, dtype=np.float32), device=device)
+            out[f"library_{name}"] = torch.as_tensor(self.library[name][indices], device=device)
+        out["label"] = torch.as_tensor(self.label[indices], device=device)
+        out["is_control"] = torch.as_tensor(self.is_control[indices], device=device)
+        out["index"] = torch.as_tensor(indices, device=device)
+        return out
+
+    def iterate(
+        self,
+        indices: np.ndarray | None = None,
+        batch_size: int = 128,
+        shuffle: bool = False,
+        rng: np.random.Generator | None = None,
+        device: torch.device | str = "cpu",
+        drop_singleton: bool = False,
+    ) -> Iterator[dict[str, Any]]:
+        """Yield batch dictionaries over ``indices`` (all cells by default).
+
+        ``drop_singleton`` drops a trailing batch of one cell, which batch
+        normalisation cannot train on.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        order = np.arange(self.n_cells) if indices is None else np.asarray(indices, dtype=np.int64)
+        if shuffle:
+            order = (rng if rng is not None else np.random.default_rng()).permutation(order)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            if drop_singleton and len(chunk) == 1 and len(order) > 1:
+                continue
+            yield self.batch(chunk, device=device)

@@ -1,0 +1,485 @@
+"""User-facing models: ContrastiveBiVI, BiVI, SCVI and ContrastiveVI.
+
+All four wrap the same :class:`pybivi.module.ContrastiveModule` with different
+arguments (salient latents or not, bivariate CME or univariate mature likelihood).
+
+Typical use::
+
+    pybivi.ContrastiveBiVI.setup_anndata(adata, perturbation_key="perturbation",
+                                         control_labels=("NT",))
+    model = pybivi.ContrastiveBiVI(adata, n_background=10, n_salient=10, scheme="bursty")
+    model.train(max_epochs=100)
+    salient = model.get_latent_representation(kind="salient")
+
+Contract (relied on by :mod:`pybivi.posterior`, :mod:`pybivi.de`, :mod:`pybivi.ppc`)
+------------------------------------------------------------------------------------
+* ``model.module``: the Pyro module (see :mod:`pybivi.module` for its methods).
+* ``model.registry``: a :class:`pybivi.data.Registry` (``n_cells``, ``n_genes``,
+  ``obs_names``, ``var_names``, ``labels``, ``control_labels``, ``perturbation_key``,
+  ``reference_library`` = per-species median library of the training cells).
+* ``model.make_batches(adata=None, indices=None, batch_size=128)``: iterator of batch
+  dictionaries (:mod:`pybivi.data`) on ``model.device``; a different AnnData must have
+  the registered genes.
+* ``model.device``, ``model.history`` (a DataFrame, one row per epoch).
+* ``model.get_latent_representation(adata=None, kind=..., give_mean=True)``; the
+  salient representation of a control cell is 0.
+
+Library size: per species, the observed total nascent (resp. mature) count of the
+cell; ``mu_N = l^N rho_N`` and ``mu_M = l^M rho_M``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyro
+import torch
+
+from pybivi import data as _data
+from pybivi.module import ContrastiveModule
+from pybivi.training import evaluate_loss, fit
+
+__all__ = ["ContrastiveBiVI", "BiVI", "SCVI", "ContrastiveVI"]
+
+_CONFIG = "config.json"
+_WEIGHTS = "module.pt"
+_HISTORY = "history.csv"
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but CUDA is not available")
+    return device
+
+
+class _Model:
+    """Shared machinery of the four model classes (not used directly)."""
+
+    #: whether the model reads nascent counts
+    _use_nascent: bool = True
+    #: whether the model has salient latents (needs controls and perturbed cells)
+    _contrastive: bool = True
+
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: Any,
+        perturbation_key: str | None = "perturbation",
+        control_labels: Sequence[str] | str = ("NT",),
+        nascent_layer: str | None = "unspliced",
+        mature_layer: str | None = "spliced",
+    ) -> None:
+        """Validate ``adata`` and register where the counts and labels are.
+
+        Parameters
+        ----------
+        adata
+            AnnData with raw counts (dense or scipy sparse).
+        perturbation_key
+            ``obs`` column of perturbation labels (required by contrastive models;
+            optional otherwise).
+        control_labels
+            Label(s) of control cells.
+        nascent_layer, mature_layer
+            Layers of nascent (unspliced) and mature (spliced) counts; ``None`` is
+            ``adata.X``. Mature-only models ignore ``nascent_layer``.
+
+        Raises
+        ------
+        KeyError, ValueError
+            Missing layer or key; negative, non-integer, NaN or mismatched counts; an empty
+            cell; a control label that never occurs; no control or no perturbed cells.
+        """
+        _data.setup_anndata(
+            adata,
+            perturbation_key=perturbation_key,
+            control_labels=control_labels,
+            nascent_layer=nascent_layer,
+            mature_layer=mature_layer,
+            use_nascent=cls._use_nascent,
+            contrastive=cls._contrastive,
+        )
+
+    def _build(self, adata: Any, module_kwargs: dict[str, Any], seed: int) -> None:
+        registry = _data.make_registry(adata)
+        name = type(self).__name__
+        if registry.use_nascent != self._use_nascent:
+            kind = "bimodal" if registry.use_nascent else "mature-only"
+            raise ValueError(
+                f"the AnnData was set up for a {kind} model; call {name}.setup_anndata(adata) first"
+            )
+        if self._contrastive and registry.perturbation_key is None:
+            raise ValueError(f"{name} needs perturbation labels; call {name}.setup_anndata first")
+        self._init_kwargs = {**module_kwargs, "seed": seed}
+        self.registry = registry
+        self.adata = adata
+        self._cells = _data.CellData(adata, registry, check=False)
+        # Seeded initialisation: the same seed gives the same model on the same machine.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.module = ContrastiveModule(
+                n_genes=registry.n_genes,
+                n_labels=len(registry.labels),
+                n_cells=registry.n_cells,
+                **module_kwargs,
+            )
+        self.device = torch.device("cpu")
+        self.history = pd.DataFrame(
+            columns=["epoch", "train_loss", "kl_weight", "validation_loss"]
+        )
+        self.is_trained = False
+
+    def __repr__(self) -> str:
+        m, reg = self.module, self.registry
+        return (
+            f"{type(self).__name__}(n_cells={reg.n_cells}, n_genes={reg.n_genes}"
+            f", n_background={m.n_background}, n_salient={m.n_salient}, likelihood={m.likelihood!r}"
+            f", scheme={getattr(m.scheme, 'name', None)!r}, trained={self.is_trained})"
+        )
+
+    # ------------------------------------------------------------------ data
+    def make_batches(
+        self,
+        adata: Any = None,
+        indices: np.ndarray | Sequence[int] | None = None,
+        batch_size: int = 128,
+        shuffle: bool = False,
+        rng: np.random.Generator | None = None,
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Batch dictionaries (see :mod:`pybivi.data`) of ``adata`` (default: the training data).
+
+        Raises
+        ------
+        ValueError
+            ``adata`` does not have the registered genes, or its counts are invalid.
+        """
+        cells = self._cells if adata is None or adata is self.adata else self._cell_data(adata)
+        idx = None if indices is None else np.asarray(indices, dtype=np.int64)
+        return cells.iterate(idx, batch_size, shuffle=shuffle, rng=rng, device=self.device)
+
+    def _cell_data(self, adata: Any) -> _data.CellData:
+        return _data.CellData(adata, self.registry, check=True)
+
+    def to(self, device: str | torch.device) -> _Model:
+        """Move the module to ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``...)."""
+        self.device = _resolve_device(device)
+        self.module.to(self.device)
+        return self
+
+    # ----------------------------------------------------------------- train
+    def train(
+        self,
+        max_epochs: int = 100,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-6,
+        kl_warmup_epochs: float | None = None,
+        seed: int = 0,
+        progress_bar: bool = True,
+        device: str | torch.device = "auto",
+        early_stopping: bool = False,
+        validation_fraction: float | None = None,
+        early_stopping_patience: int = 10,
+        min_kl_weight: float = 1e-3,
+    ) -> pd.DataFrame:
+        """Fit by minibatch SVI (paper appendix C defaults).
+
+        Parameters
+        ----------
+        max_epochs, batch_size, lr, weight_decay
+            Adam on minibatches of cells (paper: 100, 128, 1e-3, 1e-6).
+        kl_warmup_epochs
+            Length of the linear KL warm-up in epochs; default ``max_epochs // 4``
+            (at least 1). ``0`` disables it.
+        seed
+            Seeds minibatch order, the validation split and the reparameterised draws.
+        progress_bar
+            Show a tqdm bar with the ELBO per cell.
+        device
+            ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        early_stopping, early_stopping_patience
+            Stop when the validation (else training) loss has not improved for that many epochs.
+        validation_fraction
+            Fraction of cells held out for ``history["validation_loss"]``; default 0.1 with
+            early stopping, else 0.
+
+        Returns
+        -------
+        pandas.DataFrame
+            ``self.history`` (appended to on repeated calls).
+        """
+        if max_epochs < 1 or batch_size < 1:
+            raise ValueError("max_epochs and batch_size must be >= 1")
+        if validation_fraction is None:
+            validation_fraction = 0.1 if early_stopping else 0.0
+        if not 0.0 <= validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+        if kl_warmup_epochs is None:
+            kl_warmup_epochs = max(1, max_epochs // 4)
+        self.to(device)
+        pyro.set_rng_seed(seed)
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(self.registry.n_cells)
+        n_val = int(round(validation_fraction * len(order)))
+        if n_val and len(order) - n_val < 2:
+            raise ValueError("too few cells left for training after the validation split")
+        val_idx, train_idx = np.sort(order[:n_val]), order[n_val:]
+        cells, device_ = self._cells, self.device
+
+        def train_batches(epoch: int):
+            return cells.iterate(
+                train_idx, batch_size, shuffle=True, rng=rng, device=device_, drop_singleton=True
+            )
+
+        def validation_batches():
+            return cells.iterate(val_idx, max(batch_size, 512), device=device_)
+
+        n_batches = sum(1 for s in range(0, len(train_idx), batch_size) if len(train_idx) - s > 1)
+        history = fit(
+            self.module,
+            train_batches,
+            n_batches=max(n_batches, 1),
+            max_epochs=max_epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            kl_warmup_epochs=kl_warmup_epochs,
+            validation_batches=validation_batches if n_val else None,
+            early_stopping=early_stopping,
+            patience=early_stopping_patience,
+            min_kl_weight=min_kl_weight,
+            progress_bar=progress_bar,
+        )
+        if len(self.history):
+            history["epoch"] += int(self.history["epoch"].max()) + 1
+            history = pd.concat([self.history, history], ignore_index=True)
+        self.history = history
+        self.is_trained = True
+        return self.history
+
+    def elbo(self, adata: Any = None, batch_size: int = 512) -> float:
+        """Full negative ELBO per cell of ``adata`` (default: training data), eval mode."""
+        return evaluate_loss(self.module, self.make_batches(adata, batch_size=batch_size))
+
+    # ---------------------------------------------------------------- latents
+    @torch.no_grad()
+    def get_latent_representation(
+        self,
+        adata: Any = None,
+        kind: str | None = None,
+        give_mean: bool = True,
+        batch_size: int = 1024,
+    ) -> np.ndarray:
+        """Posterior latent representation of each cell.
+
+        Parameters
+        ----------
+        adata
+            Cells to embed (default: the training data); must have the registered genes.
+        kind
+            ``"salient"`` (``t``; 0 for control cells) or ``"background"`` (``z``). Default:
+            ``"salient"`` for contrastive models, ``"background"`` for single-latent ones
+            (which only accept ``"background"``).
+        give_mean
+            Posterior mean; otherwise one draw from ``q``.
+        batch_size
+            Cells per forward pass.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n_cells, n_latent)`` float32.
+        """
+        has_t = self.module.n_salient > 0
+        kind = kind if kind is not None else ("salient" if has_t else "background")
+        if kind not in ("salient", "background"):
+            raise ValueError(f"kind must be 'salient' or 'background', got {kind!r}")
+        if kind == "salient" and not has_t:
+            raise ValueError(f"{type(self).__name__} has no salient latents; use kind='background'")
+        site = "t" if kind == "salient" else "z"
+        was_training = self.module.training
+        self.module.eval()
+        out = []
+        for batch in self.make_batches(adata, batch_size=batch_size):
+            loc, scale = self.module.encode(batch)[site]
+            value = loc if give_mean else torch.distributions.Normal(loc, scale).sample()
+            if site == "t":
+                value = torch.where(batch["is_control"].unsqueeze(-1), 0.0, value)
+            out.append(value.cpu().numpy())
+        self.module.train(was_training)
+        return np.concatenate(out, axis=0).astype(np.float32)
+
+    # ------------------------------------------------------------- save/load
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Write the weights, registry, settings and history to directory ``path``."""
+        path = Path(path)
+        if path.exists() and any(path.iterdir()) and not overwrite:
+            raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True")
+        path.mkdir(parents=True, exist_ok=True)
+        kwargs = dict(self._init_kwargs)
+        if "scheme" in kwargs and not isinstance(kwargs["scheme"], str):
+            kwargs["scheme"] = kwargs["scheme"].name  # user schemes are re-found by name
+        config = {
+            "class": type(self).__name__,
+            "init_kwargs": kwargs,
+            "registry": self.registry.to_dict(),
+            "is_trained": self.is_trained,
+        }
+        (path / _CONFIG).write_text(json.dumps(config, indent=1))
+        torch.save({k: v.cpu() for k, v in self.module.state_dict().items()}, path / _WEIGHTS)
+        self.history.to_csv(path / _HISTORY, index=False)
+
+    @classmethod
+    def load(cls, path: str | Path, adata: Any, device: str | torch.device = "cpu") -> _Model:
+        """Load a model written by :meth:`save`, bound to ``adata`` (same genes required).
+
+        Raises
+        ------
+        ValueError
+            ``adata`` has different genes, or the directory holds another model class.
+        """
+        path = Path(path)
+        if not (path / _CONFIG).exists():
+            raise FileNotFoundError(f"no saved pybivi model in {path} ({_CONFIG} missing)")
+        config = json.loads((path / _CONFIG).read_text())
+        if config["class"] != cls.__name__:
+            raise ValueError(f"{path} holds a {config['class']}, not a {cls.__name__}")
+        registry = _data.Registry.from_dict(config["registry"])
+        registry.check_genes(adata)
+        model = cls.__new__(cls)
+        kwargs = dict(config["init_kwargs"])
+        seed = kwargs.pop("seed", 0)
+        model._init_kwargs = {**kwargs, "seed": seed}
+        model.registry, model.adata = registry, adata
+        model._cells = _data.CellData(adata, registry, check=True)
+        model.module = ContrastiveModule(
+            n_genes=registry.n_genes, n_labels=len(registry.labels), n_cells=registry.n_cells,
+            **kwargs,
+        )
+        state = torch.load(path / _WEIGHTS, map_location="cpu", weights_only=True)
+        model.module.load_state_dict(state)
+        model.module.eval()
+        model.history = pd.read_csv(path / _HISTORY)
+        model.is_trained = bool(config["is_trained"])
+        model.device = torch.device("cpu")
+        return model.to(device)
+
+
+class ContrastiveBiVI(_Model):
+    """ContrastiveBiVI: background ``z`` and salient ``t`` latents, nascent + mature counts
+    through a reaction-scheme likelihood (paper section 3).
+
+    Parameters
+    ----------
+    adata
+        AnnData prepared by :meth:`setup_anndata`.
+    n_background, n_salient
+        Dimensions of ``z`` and ``t`` (paper: 10 and 10).
+    n_hidden
+        Hidden width of encoders and decoder (paper: 128).
+    scheme
+        Reaction scheme: ``"bursty"`` (paper), ``"constitutive"``, ``"extrinsic"`` or a
+        :class:`pybivi.schemes.base.ReactionScheme` object.
+    dropout
+        Encoder dropout (paper: 0.1).
+    seed
+        Seed of the weight initialisation.
+    """
+
+    _use_nascent, _contrastive = True, True
+
+    def __init__(
+        self,
+        adata: Any,
+        n_background: int = 10,
+        n_salient: int = 10,
+        n_hidden: int = 128,
+        scheme: Any = "bursty",
+        dropout: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        kwargs = dict(n_background=n_background, n_salient=n_salient, n_hidden=n_hidden,
+                      dropout=dropout, likelihood="cme", scheme=scheme, salient_prior="label")
+        self._build(adata, kwargs, seed)
+
+
+class BiVI(_Model):
+    """biVI: one latent ``z``, nascent + mature counts, reaction-scheme likelihood.
+
+    Parameters are as in :class:`ContrastiveBiVI`, with ``n_latent`` the dimension of ``z``.
+    Perturbation labels are optional.
+    """
+
+    _use_nascent, _contrastive = True, False
+
+    def __init__(
+        self,
+        adata: Any,
+        n_latent: int = 10,
+        n_hidden: int = 128,
+        scheme: Any = "bursty",
+        dropout: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        kwargs = dict(n_background=n_latent, n_salient=0, n_hidden=n_hidden, dropout=dropout,
+                      likelihood="cme", scheme=scheme, salient_prior="label")
+        self._build(adata, kwargs, seed)
+
+
+class SCVI(_Model):
+    """scVI: one latent ``z``, mature counts only, ``"zinb"`` (paper) or ``"nb"`` likelihood.
+
+    Perturbation labels are optional; ``nascent_layer`` is ignored at setup.
+    """
+
+    _use_nascent, _contrastive = False, False
+
+    def __init__(
+        self,
+        adata: Any,
+        n_latent: int = 10,
+        n_hidden: int = 128,
+        likelihood: str = "zinb",
+        dropout: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        if likelihood not in ("nb", "zinb"):
+            raise ValueError(f"SCVI likelihood must be 'nb' or 'zinb', got {likelihood!r}")
+        kwargs = dict(n_background=n_latent, n_salient=0, n_hidden=n_hidden, dropout=dropout,
+                      likelihood=likelihood, scheme=None, salient_prior="label")
+        self._build(adata, kwargs, seed)
+
+
+class ContrastiveVI(_Model):
+    """contrastiveVI: background ``z`` and salient ``t``, mature counts only, (ZI)NB.
+
+    ``salient_prior="standard"`` (default, as in scvi-tools) uses ``t ~ Normal(0, I)``;
+    ``"label"`` learns a mean per perturbation label as ContrastiveBiVI does.
+    """
+
+    _use_nascent, _contrastive = False, True
+
+    def __init__(
+        self,
+        adata: Any,
+        n_background: int = 10,
+        n_salient: int = 10,
+        n_hidden: int = 128,
+        likelihood: str = "zinb",
+        salient_prior: str = "standard",
+        dropout: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        if likelihood not in ("nb", "zinb"):
+            raise ValueError(f"ContrastiveVI likelihood must be 'nb' or 'zinb', got {likelihood!r}")
+        kwargs = dict(n_background=n_background, n_salient=n_salient, n_hidden=n_hidden,
+                      dropout=dropout, likelihood=likelihood, scheme=None,
+                      salient_prior=salient_prior)
+        self._build(adata, kwargs, seed)

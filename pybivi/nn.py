@@ -1,0 +1,95 @@
+"""Encoder and decoder networks (paper appendix C: one hidden layer of 128, ReLU,
+dropout 0.1, batch normalisation, no layer normalisation)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def mlp_block(n_in: int, n_out: int, dropout: float) -> nn.Sequential:
+    """Linear -> BatchNorm -> ReLU -> Dropout, the hidden layer of every network here."""
+    # BatchNorm momentum/eps as in scvi-tools' FCLayers, so the baselines are comparable.
+    return nn.Sequential(
+        nn.Linear(n_in, n_out),
+        nn.BatchNorm1d(n_out, momentum=0.01, eps=1e-3),
+        nn.ReLU(),
+        nn.Dropout(p=dropout),
+    )
+
+
+class GaussianEncoder(nn.Module):
+    """Amortised diagonal Gaussian ``q(latent | counts)``.
+
+    Parameters
+    ----------
+    n_input
+        Number of input features (genes, or twice that for nascent + mature).
+    n_latent
+        Latent dimension.
+    n_hidden
+        Width of the hidden layer.
+    dropout
+        Dropout probability after the hidden layer.
+    """
+
+    def __init__(self, n_input: int, n_latent: int, n_hidden: int = 128, dropout: float = 0.1):
+        super().__init__()
+        self.hidden = mlp_block(n_input, n_hidden, dropout)
+        self.loc = nn.Linear(n_hidden, n_latent)
+        self.raw_scale = nn.Linear(n_hidden, n_latent)
+
+    def forward(self, counts: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(loc, scale)`` for raw ``counts`` of shape ``(..., n_input)``."""
+        # log1p tames the heavy tails of counts (paper: the encoders see log1p counts).
+        h = self.hidden(torch.log1p(counts))
+        # softplus + floor keeps the scale positive without exp's overflow.
+        return self.loc(h), nn.functional.softplus(self.raw_scale(h)) + 1e-4
+
+
+class FrequencyDecoder(nn.Module):
+    """Decoder ``f(z, t)`` to per-species normalised expression frequencies.
+
+    Each head ends in a softmax over genes, so every frequency vector sums to one.
+
+    Parameters
+    ----------
+    n_input
+        Latent input size (``n_background + n_salient``).
+    n_genes
+        Number of genes.
+    species
+        Names of the frequency heads, e.g. ``("nascent", "mature")``.
+    n_hidden
+        Width of the hidden layer.
+    zero_inflation
+        Also output per cell-and-gene zero-inflation logits (head ``"zi_logits"``).
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_genes: int,
+        species: tuple[str, ...] = ("nascent", "mature"),
+        n_hidden: int = 128,
+        zero_inflation: bool = False,
+    ):
+        super().__init__()
+        # No dropout in the decoder (as in scvi-tools): it would only add noise to the likelihood.
+        self.hidden = mlp_block(n_input, n_hidden, dropout=0.0)
+        self.species = tuple(species)
+        self.heads = nn.ModuleDict({s: nn.Linear(n_hidden, n_genes) for s in self.species})
+        self.zi_head = nn.Linear(n_hidden, n_genes) if zero_inflation else None
+
+    def forward(self, latent: Tensor) -> dict[str, Tensor]:
+        """Return ``{"rho_<species>": frequencies, ["zi_logits": logits]}``."""
+        # BatchNorm1d needs (N, C): fold any leading sample axes into the batch axis.
+        lead = latent.shape[:-1]
+        h = self.hidden(latent.reshape(-1, latent.shape[-1]))
+        out = {
+            f"rho_{s}": torch.softmax(head(h), dim=-1).reshape(*lead, -1)
+            for s, head in self.heads.items()
+        }
+        if self.zi_head is not None:
+            out["zi_logits"] = self.zi_head(h).reshape(*lead, -1)
+        return out
