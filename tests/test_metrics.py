@@ -107,3 +107,17 @@ def test_log2_change_recovery():
     assert out["pearson"] == pytest.approx(np.corrcoef(est.ravel(), truth.ravel())[0, 1])
     flipped = metrics.log2_change_recovery(-truth, truth)
     assert flipped["sign_agreement"] == 0.0 and flipped["pearson"] == pytest.approx(-1.0)
+
+
+def test_neighbour_purity_separated_and_merged():
+    rep, blob = _blobs(3, 40)
+    # Labels a and b share blob 0 (alternating), c has blob 1, d has blob 2.
+    labels = np.array(["x", "c", "d"])[blob].astype(object)
+    zero = np.flatnonzero(blob == 0)
+    labels[zero[::2]], labels[zero[1::2]] = "a", "b"
+    purity = metrics.neighbour_purity(rep, labels, k=10)
+    assert purity["c"] == 1.0
+    # Within a blob neighbours are random: 19 of the 39 others share a cell's label.
+    assert abs(purity["a"] - 19 / 39) < 0.12 and abs(purity["b"] - 19 / 39) < 0.12
+    with pytest.raises(ValueError, match="k must be"):
+        metrics.neighbour_purity(rep, labels, k=len(labels))
