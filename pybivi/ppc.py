@@ -20,9 +20,12 @@ Statistics are accumulated over minibatches as sums, so memory is
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 __all__ = [
     "STATISTICS",
@@ -31,6 +34,9 @@ __all__ = [
     "ppp_values",
     "PPCResult",
     "summarise",
+    "ppc",
+    "plot_ppc",
+    "plot_calibration",
 ]
 
 STATISTICS = ("mean", "variance", "zero_fraction", "correlation")
@@ -225,3 +231,145 @@ def summarise(
         table=pd.concat(rows),
         summary=pd.DataFrame(summary).set_index("statistic"),
     )
+
+
+def ppc(
+    model: Any,
+    n_replicates: int = 20,
+    adata: Any = None,
+    indices: Sequence[int] | np.ndarray | None = None,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> PPCResult:
+    """Posterior-predictive check of a fitted model (any scheme, any likelihood).
+
+    Parameters
+    ----------
+    model
+        A fitted pybivi model.
+    n_replicates
+        Replicated datasets ``R``: each draws every cell's latents from the guide once
+        and its counts from the likelihood.
+    adata
+        AnnData to check (default: the training data); it must have the model's genes.
+    indices
+        Rows of ``adata`` to use (default: all).
+    batch_size
+        Upper bound on cells per minibatch; it is lowered so that one minibatch of
+        replicated counts holds at most about 4 million numbers.
+    seed
+        Seed of the latent draws and of the replicated counts (global RNG restored).
+
+    Returns
+    -------
+    PPCResult
+        Tables per gene and statistic, the replicated statistics and the calibration
+        summary (see :class:`PPCResult`).
+    """
+    from pybivi.posterior import _predictive_counts, iter_draws
+
+    if n_replicates < 1:
+        raise ValueError(f"n_replicates must be >= 1, got {n_replicates}")
+    module = model.module
+    n_genes = model.registry.n_genes
+    species = tuple(getattr(module, "species", ("nascent", "mature")))
+    cells = max(1, min(batch_size, 4_000_000 // (n_replicates * n_genes * len(species))))
+    observed = CountMoments(n_genes)
+    replicated = CountMoments(n_genes, leading=(n_replicates,))
+    all_genes = np.arange(n_genes)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        draws = iter_draws(
+            model,
+            indices,
+            n_replicates,
+            quantities=(),
+            libraries=(),
+            adata=adata,
+            batch_size=cells,
+            seed=seed,
+        )
+        for batch, latent in draws:
+            x = _predictive_counts(model, batch, latent["z"], latent["t"], all_genes)
+            nascent = batch.get("x_nascent")
+            observed.add(
+                None if nascent is None or "nascent" not in species else nascent.cpu().numpy(),
+                batch["x_mature"].cpu().numpy(),
+            )
+            if x.ndim == 4:  # (R, B, G, 2): nascent, mature
+                replicated.add(x[..., 0], x[..., 1])
+            else:  # (R, B, G): mature only
+                replicated.add(None, x)
+    genes = [str(g) for g in model.registry.var_names]
+    return summarise(observed.finalize(), replicated.finalize(), genes)
+
+
+def plot_ppc(result: PPCResult, statistics: Sequence[str] | None = None):
+    """Observed versus replicated statistics: per gene (top) and their distributions (bottom).
+
+    Top row: each gene's observed statistic against the replicates' mean, with a bar of
+    +-2 replicate sd and the identity line (log axes for means and variances). Bottom
+    row: histogram over genes of the observed statistic and of the replicated one
+    (all replicates pooled).
+    """
+    from matplotlib.figure import Figure
+
+    names = list(statistics) if statistics is not None else list(result.observed.columns)
+    fig = Figure(figsize=(3.0 * len(names), 5.6), layout="constrained")
+    axes = fig.subplots(2, len(names), squeeze=False)
+    for j, name in enumerate(names):
+        t = result.table[result.table["statistic"] == name]
+        log = name.startswith(("mean", "variance"))
+        ax = axes[0, j]
+        ax.errorbar(
+            t["observed"],
+            t["replicate_mean"],
+            yerr=2 * t["replicate_sd"],
+            fmt=".",
+            ms=3,
+            alpha=0.6,
+            elinewidth=0.5,
+        )
+        finite = np.concatenate([t["observed"], t["replicate_mean"]])
+        finite = finite[np.isfinite(finite) & ((finite > 0) if log else True)]
+        if finite.size:
+            lo, hi = finite.min(), finite.max()
+            ax.plot([lo, hi], [lo, hi], color="k", lw=0.7)
+        if log:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        ax.set_title(name.replace("_", " "), fontsize="medium")
+        ax.set_xlabel("observed")
+        rep = np.asarray(result.replicates[name]).ravel()
+        obs = t["observed"].to_numpy()
+        transform = (lambda v: np.log10(v[v > 0])) if log else (lambda v: v[np.isfinite(v)])
+        bins = np.histogram_bin_edges(np.concatenate([transform(obs), transform(rep)]), 30)
+        axes[1, j].hist(transform(rep), bins=bins, density=True, alpha=0.5, label="replicated")
+        axes[1, j].hist(
+            transform(obs), bins=bins, density=True, histtype="step", color="k", label="observed"
+        )
+        axes[1, j].set_xlabel(("log10 " if log else "") + name.replace("_", " "))
+    axes[0, 0].set_ylabel("replicate mean (+-2 sd)")
+    axes[1, 0].set_ylabel("density over genes")
+    axes[1, 0].legend(fontsize="small", frameon=False)
+    return fig
+
+
+def plot_calibration(result: PPCResult):
+    """Histograms of the per-gene posterior-predictive p-values, one panel per statistic.
+
+    A calibrated model gives a roughly flat (or central) histogram; mass piled at 0 or 1
+    means the observed statistic falls outside the replicates for many genes.
+    """
+    from matplotlib.figure import Figure
+
+    names = list(result.observed.columns)
+    fig = Figure(figsize=(2.6 * len(names), 2.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(names)))
+    for ax, name in zip(axes, names, strict=True):
+        ppp = result.table.loc[result.table["statistic"] == name, "ppp"].to_numpy()
+        ax.hist(ppp[np.isfinite(ppp)], bins=np.linspace(0, 1, 21), color="0.4")
+        ax.set_title(name.replace("_", " "), fontsize="medium")
+        ax.set_xlabel("ppp")
+    axes[0].set_ylabel("genes")
+    return fig

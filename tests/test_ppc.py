@@ -90,3 +90,98 @@ def test_ppp_ties_and_nan():
 def test_too_few_cells():
     with pytest.raises(ValueError, match="two cells"):
         ppc.statistics(None, np.ones((1, 3)))
+
+
+# ---------------------------------------------------------------------- fitted models
+from pathlib import Path  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="module")
+def sim():
+    import torch
+
+    from pybivi import datasets
+
+    torch.set_num_threads(1)
+    return datasets.simulate_perturbseq(
+        n_cells=200, n_genes=25, n_programs=2, seed=1, genes_per_program=5
+    )
+
+
+def _library_identity(result, n_genes):
+    # rho sums to one and mu = l * rho, so E[total replicated count of a cell] = l exactly:
+    # summed over genes, replicated and observed mean counts agree whatever the fit.
+    for name in [c for c in result.observed.columns if c.startswith("mean_")]:
+        obs = result.observed[name].sum()
+        rep = result.replicates[name].sum(axis=1)
+        assert abs(rep.mean() / obs - 1) < 0.02, name
+
+
+def test_ppc_on_a_bimodal_model(sim):
+    from pybivi.models import ContrastiveBiVI
+
+    a = sim.copy()
+    ContrastiveBiVI.setup_anndata(a, perturbation_key="perturbation", control_labels="NT")
+    model = ContrastiveBiVI(a, scheme="extrinsic", n_hidden=16, seed=0)
+    model.train(max_epochs=3, batch_size=64, progress_bar=False)
+    res = ppc.ppc(model, n_replicates=8, seed=1, batch_size=50)
+    assert set(res.observed.columns) == {
+        "mean_nascent",
+        "mean_mature",
+        "variance_nascent",
+        "variance_mature",
+        "zero_fraction_nascent",
+        "zero_fraction_mature",
+        "correlation",
+    }
+    assert res.replicates["correlation"].shape == (8, 25)
+    np.testing.assert_allclose(
+        res.observed["mean_mature"], np.asarray(a.layers["spliced"].mean(0)).ravel()
+    )
+    ppp = res.table["ppp"].dropna()
+    assert ppp.between(0, 1).all()
+    _library_identity(res, 25)
+    again = ppc.ppc(model, n_replicates=8, seed=1, batch_size=50)
+    np.testing.assert_array_equal(res.replicates["mean_mature"], again.replicates["mean_mature"])
+    fig = ppc.plot_ppc(res, statistics=["mean_mature", "correlation"])
+    assert len(fig.axes) == 4
+    assert len(ppc.plot_calibration(res).axes) == 7
+
+
+def test_ppc_on_a_mature_only_model(sim):
+    from pybivi.models import SCVI
+
+    a = sim.copy()
+    SCVI.setup_anndata(a, perturbation_key="perturbation", control_labels="NT")
+    model = SCVI(a, n_hidden=16, likelihood="zinb")
+    model.train(max_epochs=2, batch_size=64, progress_bar=False)
+    res = ppc.ppc(model, n_replicates=5, indices=np.arange(120))
+    assert set(res.observed.columns) == {"mean_mature", "variance_mature", "zero_fraction_mature"}
+    assert list(res.summary.index) == list(res.observed.columns)
+
+
+@pytest.mark.shared
+@pytest.mark.filterwarnings("ignore:Element .* was written without encoding metadata")
+def test_ppc_on_real_pancreas_cells():
+    path = SHARED / "data" / "pancreas_100obs.h5ad"
+    if not path.exists():
+        pytest.skip("../shared/data/pancreas_100obs.h5ad not available")
+    import anndata as ad
+
+    from pybivi.models import BiVI
+
+    adata = ad.read_h5ad(path)
+    total = np.asarray((adata.layers["spliced"] + adata.layers["unspliced"]).sum(0)).ravel()
+    adata = adata[:, np.argsort(total)[-12:]].copy()  # a handful of well-expressed genes
+    libs = [np.asarray(adata.layers[k].sum(1)).ravel() for k in ("spliced", "unspliced")]
+    adata = adata[(libs[0] > 0) & (libs[1] > 0)].copy()
+    BiVI.setup_anndata(adata, perturbation_key=None)
+    # A fast closed-form scheme: the test is about the check, not about the bursty law.
+    model = BiVI(adata, scheme="extrinsic", n_hidden=16)
+    model.train(max_epochs=5, batch_size=32, progress_bar=False)
+    res = ppc.ppc(model, n_replicates=10)
+    assert res.observed.shape == (12, 7)
+    assert np.isfinite(res.summary["gene_correlation"]).all()
+    _library_identity(res, 12)
