@@ -331,14 +331,16 @@ def test_univariate_gradients():
 
 @pytest.fixture
 def exact_bursty(monkeypatch):
-    """The bursty scheme with the exact backend; the CME reference stands in for the solver
-    when ``pybivi.cme.exact_pmf`` is not available."""
+    """The bursty scheme with the exact backend (the CME reference stands in for the solver
+    when ``pybivi.cme.exact`` is not available)."""
     import pybivi.cme
 
     if not hasattr(pybivi.cme, "exact_pmf"):
-        from test_schemes import reference_exact_pmf
-
-        monkeypatch.setattr(pybivi.cme, "exact_pmf", reference_exact_pmf, raising=False)
+        try:
+            from pybivi.cme.exact import exact_pmf
+        except ImportError:
+            from test_schemes import reference_exact_pmf as exact_pmf
+        monkeypatch.setattr(pybivi.cme, "exact_pmf", exact_pmf, raising=False)
     return schemes.get("bursty", backend="exact")
 
 

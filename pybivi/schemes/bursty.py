@@ -140,8 +140,9 @@ def sample_bursty(
     ``s(a) = p_N(a) + p_M(a)``, so the surviving part of a burst is geometric with mean
     ``b s(a)`` and the bursts that left at least one survivor form a Poisson process of
     intensity ``q(a) = b s(a) / (1 + b s(a))``. A Chernoff bound gives
-    ``s(a) <= C exp(-lam a)`` with ``lam = min(beta, gamma) / 2`` and
-    ``C = beta gamma / ((beta - lam)(gamma - lam)) <= 4``, hence
+    ``s(a) <= C exp(-lam a)`` for any ``0 < lam < min(beta, gamma)`` with
+    ``C = beta gamma / ((beta - lam)(gamma - lam))`` (``C <= 4`` at half the minimum;
+    :func:`_envelope` picks ``lam`` per element), hence
     ``q(a) <= h(a) = min(1, C b exp(-lam a))``. The process of intensity ``h`` is drawn
     by inverting its cumulative intensity in closed form and thinned with probability
     ``q / h``; each accepted burst contributes ``S = 1 + Geometric(mean b s(a))``
@@ -164,12 +165,7 @@ def sample_bursty(
     b, beta, gamma = torch.broadcast_tensors(*(torch.as_tensor(x) for x in (b, beta, gamma)))
     shape = b.shape
     b, beta, gamma = (x.detach().reshape(-1).double().cpu() for x in (b, beta, gamma))
-    lam = 0.5 * torch.minimum(beta, gamma)
-    scale = b * beta * gamma / ((beta - lam) * (gamma - lam))  # C b
-    # h(a) = 1 up to a0 = log(C b) / lam, then C b exp(-lam a).
-    a0 = torch.clamp(torch.log(scale), min=0.0) / lam
-    head = torch.clamp(scale, max=1.0)  # h at a0
-    total = a0 + head / lam  # the integral of h over [0, inf)
+    lam, scale, a0, head, total = _envelope(b, beta, gamma)
     if b.shape[0] and float(total.max()) > _MAX_POINTS:
         k = int(torch.argmax(total))
         raise ValueError(
@@ -192,6 +188,33 @@ def sample_bursty(
         )
         start = stop
     return counts.reshape(*shape, 2)
+
+
+def _envelope(b: Tensor, beta: Tensor, gamma: Tensor) -> tuple[Tensor, ...]:
+    """The dominating intensity ``h(a) = min(1, C b exp(-lam a))`` with the fewest points.
+
+    Any ``lam < min(beta, gamma)`` gives a valid bound with
+    ``C = beta gamma / ((beta - lam)(gamma - lam))``; a larger ``lam`` decays faster but
+    raises ``C``. Per element, keep the fraction of ``min(beta, gamma)`` whose expected
+    number of candidates ``log(C b) / lam + min(1, C b) / lam`` is smallest.
+    """
+    best = None
+    for fraction in (0.5, 0.75, 0.9, 0.97):
+        lam = fraction * torch.minimum(beta, gamma)
+        scale = b * beta * gamma / ((beta - lam) * (gamma - lam))  # C b
+        # h(a) = 1 up to a0 = log(C b) / lam, then C b exp(-lam a).
+        a0 = torch.clamp(torch.log(scale), min=0.0) / lam
+        head = torch.clamp(scale, max=1.0)  # h at a0
+        total = a0 + head / lam  # the integral of h over [0, inf)
+        if best is None:
+            best = [lam, scale, a0, head, total]
+            continue
+        better = total < best[4]
+        best = [
+            torch.where(better, new, old)
+            for new, old in zip((lam, scale, a0, head, total), best, strict=True)
+        ]
+    return tuple(best)
 
 
 def _sample_chunk(
