@@ -337,8 +337,22 @@ class _Model:
         self.history.to_csv(path / _HISTORY, index=False)
 
     @classmethod
-    def load(cls, path: str | Path, adata: Any, device: str | torch.device = "cpu") -> _Model:
+    def load(
+        cls, path: str | Path, adata: Any, device: str | torch.device = "cpu", scheme: Any = None
+    ) -> _Model:
         """Load a model written by :meth:`save`, bound to ``adata`` (same genes required).
+
+        Parameters
+        ----------
+        path
+            Directory written by :meth:`save`.
+        adata
+            Cells to bind the model to; it must have the saved genes, in order.
+        device
+            Where to put the module.
+        scheme
+            Reaction-scheme object to use instead of the saved name (a user scheme that
+            is not registered, or a bursty scheme with another backend).
 
         Raises
         ------
@@ -356,6 +370,8 @@ class _Model:
         model = cls.__new__(cls)
         kwargs = dict(config["init_kwargs"])
         seed = kwargs.pop("seed", 0)
+        if scheme is not None:
+            kwargs["scheme"] = scheme
         model._init_kwargs = {**kwargs, "seed": seed}
         model.registry, model.adata = registry, adata
         model._cells = _data.CellData(adata, registry, check=True)
