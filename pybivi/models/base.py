@@ -1,31 +1,6 @@
-"""User-facing models: ContrastiveBiVI, BiVI, SCVI and ContrastiveVI.
+"""The machinery shared by the model classes: setup, training, latents, save/load.
 
-All four wrap the same :class:`pybivi.module.ContrastiveModule` with different
-arguments (salient latents or not, bivariate CME or univariate mature likelihood).
-
-Typical use::
-
-    pybivi.ContrastiveBiVI.setup_anndata(adata, perturbation_key="perturbation",
-                                         control_labels=("NT",))
-    model = pybivi.ContrastiveBiVI(adata, n_background=10, n_salient=10, scheme="bursty")
-    model.train(max_epochs=100)
-    salient = model.get_latent_representation(kind="salient")
-
-Contract (relied on by :mod:`pybivi.posterior`, :mod:`pybivi.de`, :mod:`pybivi.ppc`)
-------------------------------------------------------------------------------------
-* ``model.module``: the Pyro module (see :mod:`pybivi.module` for its methods).
-* ``model.registry``: a :class:`pybivi.data.Registry` (``n_cells``, ``n_genes``,
-  ``obs_names``, ``var_names``, ``labels``, ``control_labels``, ``perturbation_key``,
-  ``reference_library`` = per-species median library of the training cells).
-* ``model.make_batches(adata=None, indices=None, batch_size=128)``: iterator of batch
-  dictionaries (:mod:`pybivi.data`) on ``model.device``; a different AnnData must have
-  the registered genes.
-* ``model.device``, ``model.history`` (a DataFrame, one row per epoch).
-* ``model.get_latent_representation(adata=None, kind=..., give_mean=True)``; the
-  salient representation of a control cell is 0.
-
-Library size: per species, the observed total nascent (resp. mature) count of the
-cell; ``mu_N = l^N rho_N`` and ``mu_M = l^M rho_M``.
+See :mod:`pybivi.models` for the classes and the contract they keep.
 """
 
 from __future__ import annotations
@@ -44,7 +19,7 @@ from pybivi import data as _data
 from pybivi.module import ContrastiveModule
 from pybivi.training import evaluate_loss, fit
 
-__all__ = ["ContrastiveBiVI", "BiVI", "SCVI", "ContrastiveVI"]
+__all__ = ["BaseModel"]
 
 _CONFIG = "config.json"
 _WEIGHTS = "module.pt"
@@ -60,8 +35,8 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-class _Model:
-    """Shared machinery of the four model classes (not used directly)."""
+class BaseModel:
+    """Shared machinery of the four model classes (subclasses set the module arguments)."""
 
     #: whether the model reads nascent counts
     _use_nascent: bool = True
@@ -168,7 +143,7 @@ class _Model:
     def _cell_data(self, adata: Any) -> _data.CellData:
         return _data.CellData(adata, self.registry, check=True)
 
-    def to(self, device: str | torch.device) -> _Model:
+    def to(self, device: str | torch.device) -> BaseModel:
         """Move the module to ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``...)."""
         self.device = _resolve_device(device)
         self.module.to(self.device)
@@ -324,7 +299,7 @@ class _Model:
             raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True")
         path.mkdir(parents=True, exist_ok=True)
         kwargs = dict(self._init_kwargs)
-        if "scheme" in kwargs and not isinstance(kwargs["scheme"], str):
+        if kwargs.get("scheme") is not None and not isinstance(kwargs["scheme"], str):
             kwargs["scheme"] = kwargs["scheme"].name  # user schemes are re-found by name
         config = {
             "class": type(self).__name__,
@@ -339,7 +314,7 @@ class _Model:
     @classmethod
     def load(
         cls, path: str | Path, adata: Any, device: str | torch.device = "cpu", scheme: Any = None
-    ) -> _Model:
+    ) -> BaseModel:
         """Load a model written by :meth:`save`, bound to ``adata`` (same genes required).
 
         Parameters
@@ -386,116 +361,3 @@ class _Model:
         model.is_trained = bool(config["is_trained"])
         model.device = torch.device("cpu")
         return model.to(device)
-
-
-class ContrastiveBiVI(_Model):
-    """ContrastiveBiVI: background ``z`` and salient ``t`` latents, nascent + mature counts
-    through a reaction-scheme likelihood (paper section 3).
-
-    Parameters
-    ----------
-    adata
-        AnnData prepared by :meth:`setup_anndata`.
-    n_background, n_salient
-        Dimensions of ``z`` and ``t`` (paper: 10 and 10).
-    n_hidden
-        Hidden width of encoders and decoder (paper: 128).
-    scheme
-        Reaction scheme: ``"bursty"`` (paper), ``"constitutive"``, ``"extrinsic"`` or a
-        :class:`pybivi.schemes.base.ReactionScheme` object.
-    dropout
-        Encoder dropout (paper: 0.1).
-    seed
-        Seed of the weight initialisation.
-    """
-
-    _use_nascent, _contrastive = True, True
-
-    def __init__(
-        self,
-        adata: Any,
-        n_background: int = 10,
-        n_salient: int = 10,
-        n_hidden: int = 128,
-        scheme: Any = "bursty",
-        dropout: float = 0.1,
-        seed: int = 0,
-    ) -> None:
-        kwargs = dict(n_background=n_background, n_salient=n_salient, n_hidden=n_hidden,
-                      dropout=dropout, likelihood="cme", scheme=scheme, salient_prior="label")
-        self._build(adata, kwargs, seed)
-
-
-class BiVI(_Model):
-    """biVI: one latent ``z``, nascent + mature counts, reaction-scheme likelihood.
-
-    Parameters are as in :class:`ContrastiveBiVI`, with ``n_latent`` the dimension of ``z``.
-    Perturbation labels are optional.
-    """
-
-    _use_nascent, _contrastive = True, False
-
-    def __init__(
-        self,
-        adata: Any,
-        n_latent: int = 10,
-        n_hidden: int = 128,
-        scheme: Any = "bursty",
-        dropout: float = 0.1,
-        seed: int = 0,
-    ) -> None:
-        kwargs = dict(n_background=n_latent, n_salient=0, n_hidden=n_hidden, dropout=dropout,
-                      likelihood="cme", scheme=scheme, salient_prior="label")
-        self._build(adata, kwargs, seed)
-
-
-class SCVI(_Model):
-    """scVI: one latent ``z``, mature counts only, ``"zinb"`` (paper) or ``"nb"`` likelihood.
-
-    Perturbation labels are optional; ``nascent_layer`` is ignored at setup.
-    """
-
-    _use_nascent, _contrastive = False, False
-
-    def __init__(
-        self,
-        adata: Any,
-        n_latent: int = 10,
-        n_hidden: int = 128,
-        likelihood: str = "zinb",
-        dropout: float = 0.1,
-        seed: int = 0,
-    ) -> None:
-        if likelihood not in ("nb", "zinb"):
-            raise ValueError(f"SCVI likelihood must be 'nb' or 'zinb', got {likelihood!r}")
-        kwargs = dict(n_background=n_latent, n_salient=0, n_hidden=n_hidden, dropout=dropout,
-                      likelihood=likelihood, scheme=None, salient_prior="label")
-        self._build(adata, kwargs, seed)
-
-
-class ContrastiveVI(_Model):
-    """contrastiveVI: background ``z`` and salient ``t``, mature counts only, (ZI)NB.
-
-    ``salient_prior="standard"`` (default, as in scvi-tools) uses ``t ~ Normal(0, I)``;
-    ``"label"`` learns a mean per perturbation label as ContrastiveBiVI does.
-    """
-
-    _use_nascent, _contrastive = False, True
-
-    def __init__(
-        self,
-        adata: Any,
-        n_background: int = 10,
-        n_salient: int = 10,
-        n_hidden: int = 128,
-        likelihood: str = "zinb",
-        salient_prior: str = "standard",
-        dropout: float = 0.1,
-        seed: int = 0,
-    ) -> None:
-        if likelihood not in ("nb", "zinb"):
-            raise ValueError(f"ContrastiveVI likelihood must be 'nb' or 'zinb', got {likelihood!r}")
-        kwargs = dict(n_background=n_background, n_salient=n_salient, n_hidden=n_hidden,
-                      dropout=dropout, likelihood=likelihood, scheme=None,
-                      salient_prior=salient_prior)
-        self._build(adata, kwargs, seed)

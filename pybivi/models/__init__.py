@@ -1,0 +1,150 @@
+"""User-facing models: ContrastiveBiVI, BiVI, SCVI and ContrastiveVI.
+
+All four wrap the same :class:`pybivi.module.ContrastiveModule` with different
+arguments (salient latents or not, bivariate CME or univariate mature likelihood).
+
+Typical use::
+
+    pybivi.ContrastiveBiVI.setup_anndata(adata, perturbation_key="perturbation",
+                                         control_labels=("NT",))
+    model = pybivi.ContrastiveBiVI(adata, n_background=10, n_salient=10, scheme="bursty")
+    model.train(max_epochs=100)
+    salient = model.get_latent_representation(kind="salient")
+
+Contract (relied on by :mod:`pybivi.posterior`, :mod:`pybivi.de`, :mod:`pybivi.ppc`)
+------------------------------------------------------------------------------------
+* ``model.module``: the Pyro module (see :mod:`pybivi.module` for its methods).
+* ``model.registry``: a :class:`pybivi.data.Registry` (``n_cells``, ``n_genes``,
+  ``obs_names``, ``var_names``, ``labels``, ``control_labels``, ``perturbation_key``,
+  ``reference_library`` = per-species median library of the training cells).
+* ``model.make_batches(adata=None, indices=None, batch_size=128)``: iterator of batch
+  dictionaries (:mod:`pybivi.data`) on ``model.device``; a different AnnData must have
+  the registered genes.
+* ``model.device``, ``model.history`` (a DataFrame, one row per epoch).
+* ``model.get_latent_representation(adata=None, kind=..., give_mean=True)``; the
+  salient representation of a control cell is 0.
+
+Library size: per species, the observed total nascent (resp. mature) count of the
+cell; ``mu_N = l^N rho_N`` and ``mu_M = l^M rho_M``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pybivi.models.base import BaseModel
+
+__all__ = ["ContrastiveBiVI", "BiVI", "SCVI", "ContrastiveVI", "BaseModel"]
+
+
+class ContrastiveBiVI(BaseModel):
+    """ContrastiveBiVI: background ``z`` and salient ``t`` latents, nascent + mature counts
+    through a reaction-scheme likelihood (paper section 3).
+
+    Parameters
+    ----------
+    adata
+        AnnData prepared by :meth:`setup_anndata`.
+    n_background, n_salient
+        Dimensions of ``z`` and ``t`` (paper: 10 and 10).
+    n_hidden
+        Hidden width of encoders and decoder (paper: 128).
+    scheme
+        Reaction scheme: ``"bursty"`` (paper), ``"constitutive"``, ``"extrinsic"`` or a
+        :class:`pybivi.schemes.base.ReactionScheme` object.
+    dropout
+        Encoder dropout (paper: 0.1).
+    seed
+        Seed of the weight initialisation.
+    """
+
+    _use_nascent, _contrastive = True, True
+
+    def __init__(
+        self,
+        adata: Any,
+        n_background: int = 10,
+        n_salient: int = 10,
+        n_hidden: int = 128,
+        scheme: Any = "bursty",
+        dropout: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        kwargs = dict(n_background=n_background, n_salient=n_salient, n_hidden=n_hidden,
+                      dropout=dropout, likelihood="cme", scheme=scheme, salient_prior="label")
+        self._build(adata, kwargs, seed)
+
+
+class BiVI(BaseModel):
+    """biVI: one latent ``z``, nascent + mature counts, reaction-scheme likelihood.
+
+    Parameters are as in :class:`ContrastiveBiVI`, with ``n_latent`` the dimension of ``z``.
+    Perturbation labels are optional.
+    """
+
+    _use_nascent, _contrastive = True, False
+
+    def __init__(
+        self,
+        adata: Any,
+        n_latent: int = 10,
+        n_hidden: int = 128,
+        scheme: Any = "bursty",
+        dropout: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        kwargs = dict(n_background=n_latent, n_salient=0, n_hidden=n_hidden, dropout=dropout,
+                      likelihood="cme", scheme=scheme, salient_prior="label")
+        self._build(adata, kwargs, seed)
+
+
+class SCVI(BaseModel):
+    """scVI: one latent ``z``, mature counts only, ``"zinb"`` (paper) or ``"nb"`` likelihood.
+
+    Perturbation labels are optional; ``nascent_layer`` is ignored at setup.
+    """
+
+    _use_nascent, _contrastive = False, False
+
+    def __init__(
+        self,
+        adata: Any,
+        n_latent: int = 10,
+        n_hidden: int = 128,
+        likelihood: str = "zinb",
+        dropout: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        if likelihood not in ("nb", "zinb"):
+            raise ValueError(f"SCVI likelihood must be 'nb' or 'zinb', got {likelihood!r}")
+        kwargs = dict(n_background=n_latent, n_salient=0, n_hidden=n_hidden, dropout=dropout,
+                      likelihood=likelihood, scheme=None, salient_prior="label")
+        self._build(adata, kwargs, seed)
+
+
+class ContrastiveVI(BaseModel):
+    """contrastiveVI: background ``z`` and salient ``t``, mature counts only, (ZI)NB.
+
+    ``salient_prior="standard"`` (default, as in scvi-tools) uses ``t ~ Normal(0, I)``;
+    ``"label"`` learns a mean per perturbation label as ContrastiveBiVI does.
+    """
+
+    _use_nascent, _contrastive = False, True
+
+    def __init__(
+        self,
+        adata: Any,
+        n_background: int = 10,
+        n_salient: int = 10,
+        n_hidden: int = 128,
+        likelihood: str = "zinb",
+        salient_prior: str = "standard",
+        dropout: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        if likelihood not in ("nb", "zinb"):
+            raise ValueError(f"ContrastiveVI likelihood must be 'nb' or 'zinb', got {likelihood!r}")
+        kwargs = dict(n_background=n_background, n_salient=n_salient, n_hidden=n_hidden,
+                      dropout=dropout, likelihood=likelihood, scheme=None,
+                      salient_prior=salient_prior)
+        self._build(adata, kwargs, seed)
