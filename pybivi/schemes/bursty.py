@@ -15,7 +15,6 @@ conditional (the shipped neural approximator, the exact solver, or any object wi
 
 from __future__ import annotations
 
-import math
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -38,14 +37,19 @@ class ExactConditional:
     """``log P(m | n)`` of the bursty scheme from the exact generating-function solver.
 
     For every distinct ``(b, beta, gamma)`` in the batch the exact joint PMF is computed
-    once on a grid that covers both the probability mass and the observed counts, each
-    row is normalised to give the conditional, and the observed ``(n, m)`` are looked
-    up. This is slow (one solver call per distinct parameter set) and meant as a
-    reference and for small problems.
+    once (:func:`pybivi.cme.exact_pmf`) on the rows ``n <= max observed n`` and the
+    columns up to the larger of the observed counts and the solver's natural mature
+    grid (:func:`pybivi.cme.suggest_grid`, mass beyond it below ``1e-12``); each row is
+    normalised to give the conditional and the observed ``(n, m)`` are looked up. This
+    is slow (one solver call per distinct parameter set) and meant as a reference and
+    for small problems.
 
     The returned values are **detached**: no gradient flows to ``b``, ``beta`` or
     ``gamma`` through the conditional (the nascent NB term of
-    :meth:`BurstyScheme.log_prob` stays differentiable).
+    :meth:`BurstyScheme.log_prob` stays differentiable). The solver is accurate to about
+    ``1e-12`` in absolute terms, so conditionals of rows with ``P(n)`` below about
+    ``1e-9`` and entries with ``P(n, m)`` below about ``1e-12`` are not resolved (they
+    may come out as ``-inf``).
 
     Parameters
     ----------
@@ -53,24 +57,18 @@ class ExactConditional:
         Largest number of grid points ``(n_max + 1) * (m_max + 1)`` allowed for one
         parameter set; a larger need raises :class:`ValueError` instead of silently
         exhausting memory.
-    n_sd
-        The grid reaches at least ``mean + n_sd * sd`` in each species.
     """
 
-    def __init__(self, max_grid: int = 4_000_000, n_sd: float = 20.0) -> None:
+    def __init__(self, max_grid: int = 4_000_000) -> None:
         self.max_grid = int(max_grid)
-        self.n_sd = float(n_sd)
 
     def _grid(self, b: float, beta: float, gamma: float, n_obs: int, m_obs: int) -> tuple[int, int]:
-        mean_n, mean_m = b / beta, b / gamma
-        var_n = mean_n * (1.0 + b)
-        var_m = mean_m * (1.0 + b * beta / (beta + gamma))
-        cov = b * b / (beta + gamma)
-        n_max = max(n_obs, math.ceil(mean_n + self.n_sd * math.sqrt(var_n)))
-        # A large observed n shifts M | n upwards (about Cov / Var N per molecule):
-        # extend the mature grid so that every queried row holds its mass.
-        shift = cov / var_n * max(0.0, n_obs - mean_n)
-        m_max = max(m_obs, math.ceil(mean_m + shift + self.n_sd * math.sqrt(var_m)))
+        from pybivi.cme import suggest_grid
+
+        # The natural mature grid also holds the conditional mass of every row that
+        # the solver resolves (checked against much wider grids), so no extra margin.
+        m_max = max(m_obs, suggest_grid("bursty", b=b, beta=beta, gamma=gamma)[1])
+        n_max = n_obs
         if (n_max + 1) * (m_max + 1) > self.max_grid:
             raise ValueError(
                 f"exact bursty backend: the grid for b={b:.4g}, beta={beta:.4g}, "
