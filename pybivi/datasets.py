@@ -128,7 +128,12 @@ def _perturbation_table(
 
 
 def _sample_counts(
-    b: np.ndarray, beta: np.ndarray, gamma: np.ndarray, generator: torch.Generator, chunk: int
+    b: np.ndarray,
+    beta: np.ndarray,
+    gamma: np.ndarray,
+    generator: torch.Generator,
+    chunk: int,
+    progress_bar: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact bursty draws through the scheme's sampler, in chunks of cells."""
     from pybivi.schemes import get
@@ -136,7 +141,10 @@ def _sample_counts(
     scheme = get("bursty")
     nascent = np.empty(b.shape, dtype=np.int64)
     mature = np.empty(b.shape, dtype=np.int64)
-    for start in range(0, b.shape[0], chunk):
+    from tqdm.auto import tqdm
+
+    starts = range(0, b.shape[0], chunk)
+    for start in tqdm(starts, desc="sampling counts", unit="chunk", disable=not progress_bar):
         sl = slice(start, start + chunk)
         bt = torch.as_tensor(b[sl], dtype=torch.float64)
         bet = torch.as_tensor(np.broadcast_to(beta, b.shape)[sl].copy(), dtype=torch.float64)
@@ -174,6 +182,7 @@ def simulate_perturbseq(
     frequency_log2: float = 0.0,
     doublet_fraction: float = 0.02,
     chunk_cells: int = 1000,
+    progress_bar: bool = False,
 ) -> ad.AnnData:
     """Simulate a bimodal CRISPR screen with known kinetics (exact CME draws).
 
@@ -228,6 +237,8 @@ def simulate_perturbseq(
         labels, ``obs["doublet"] = True``).
     chunk_cells
         Cells per call of the sampler (bounds memory).
+    progress_bar
+        Show a tqdm bar over the chunks.
 
     Returns
     -------
@@ -310,7 +321,9 @@ def simulate_perturbseq(
     b = base_b * capture[:, None] * 2.0**log2_b
     beta_cells = beta[None, :] / freq
     gamma_cells = base_gamma * 2.0**log2_gamma / freq
-    nascent, mature = _sample_counts(b, beta_cells, gamma_cells, generator, chunk_cells)
+    nascent, mature = _sample_counts(
+        b, beta_cells, gamma_cells, generator, chunk_cells, progress_bar
+    )
 
     # Doublets: the sum of two independent cells' counts (what a real doublet is).
     names = table["perturbation"].to_numpy()
