@@ -368,3 +368,53 @@ def test_bursty_sample_agrees_with_exact_log_prob(exact_bursty):
     assert gof > TEST_FAILURE_RATE
     corr = float(d.covariance / d.variance.prod().sqrt())
     assert abs(float(torch.corrcoef(draws.T)[0, 1]) - corr) < 5 * (1 - corr**2) / total**0.5 + 0.005
+
+
+# ------------------------------------------------------------------ a user-written scheme
+
+
+class IndependentNB(schemes.ReactionScheme):
+    """A user scheme written against the protocol only: N and M independent NB(mu, theta)."""
+
+    name = "independent_nb_test"
+    kinetic_param_names = ("shape",)
+
+    def kinetic_params(self, mu_nascent, mu_mature, theta):
+        return {"shape": torch.broadcast_tensors(mu_nascent, mu_mature, theta)[2]}
+
+    def log_prob(self, nascent, mature, mu_nascent, mu_mature, theta):
+        return NegativeBinomial(mu_nascent, theta).log_prob(nascent) + NegativeBinomial(
+            mu_mature, theta
+        ).log_prob(mature)
+
+    def sample(self, mu_nascent, mu_mature, theta, sample_shape=(), generator=None):
+        n = NegativeBinomial(mu_nascent, theta).sample(sample_shape)
+        m = NegativeBinomial(mu_mature, theta).sample(sample_shape)
+        return torch.stack(torch.broadcast_tensors(n, m), -1)
+
+    def variance(self, mu_nascent, mu_mature, theta):
+        mu = self.mean(mu_nascent, mu_mature, theta)
+        return mu + mu * mu / torch.as_tensor(theta).unsqueeze(-1)
+
+    def covariance(self, mu_nascent, mu_mature, theta):
+        return torch.zeros(
+            torch.broadcast_shapes(
+                *(torch.as_tensor(v).shape for v in (mu_nascent, mu_mature, theta))
+            )
+        )
+
+
+def test_user_scheme_plugs_into_bivariate_cme(monkeypatch):
+    monkeypatch.setattr(schemes, "_REGISTRY", dict(schemes._REGISTRY))
+    schemes.register(IndependentNB())
+    torch.manual_seed(3)
+    d = BivariateCME(
+        torch.tensor(3.0), torch.tensor(5.0), torch.tensor(2.0), scheme=IndependentNB.name
+    )
+    assert isinstance(d.scheme, IndependentNB) and d.expand((3,)).scheme is d.scheme
+    pmf = grid_log_prob(d, 150).exp().numpy()
+    assert pmf.sum() == pytest.approx(1.0, abs=1e-6)  # float32
+    total = 20_000
+    draws = d.sample((total,))
+    assert pooled_gof(pmf.ravel(), pair_histogram(draws, 150).ravel(), total) > TEST_FAILURE_RATE
+    torch.testing.assert_close(d.variance, torch.tensor([3.0 + 4.5, 5.0 + 12.5]))
