@@ -267,40 +267,19 @@ def simulate_perturbseq(
     base_b = _log_uniform(rng, *burst_size_range, n_genes)
     beta = _log_uniform(rng, *splicing_range, n_genes)
     base_gamma = _log_uniform(rng, *degradation_range, n_genes)
-
-    # Cell-cycle confounder: S-type genes go up in S, G2M-type genes in G2M.
-    n_cc = int(round(cell_cycle_fraction * n_genes))
-    cc_genes = np.sort(rng.choice(n_genes, size=n_cc, replace=False))
-    cc_log2 = np.zeros((n_genes, 3))
-    s_type = rng.random(n_cc) < 0.5
-    mag = cell_cycle_log2 * rng.uniform(0.75, 1.25, n_cc)
-    cc_log2[cc_genes[s_type], 1] = mag[s_type]
-    cc_log2[cc_genes[~s_type], 2] = mag[~s_type]
-    # A smaller opposite-phase effect so that S and G2M are not only "G1 plus one set".
-    cc_log2[cc_genes[s_type], 2] = 0.5 * mag[s_type]
-
+    cc_genes, cc_log2 = _cell_cycle_effects(rng, n_genes, cell_cycle_fraction, cell_cycle_log2)
     gpp = genes_per_program if genes_per_program is not None else max(1, n_genes // 20)
-    effects = _gene_effects(
-        rng, n_genes, kinds, gpp, cc_genes, effect_range, frequency_log2
-    )
+    effects = _gene_effects(rng, n_genes, kinds, gpp, cc_genes, effect_range, frequency_log2)
     table = _perturbation_table(
         rng, n_programs, perturbations_per_program, n_weak_perturbations, weak_strength
     )
+    design = _cell_design(
+        rng, n_cells, len(table), control_fraction, doublet_fraction, probs,
+        capture_median, capture_sigma,
+    )
+    pert_idx, phase_idx = design["perturbation"], design["phase"]
 
-    # Cell labels: controls, then perturbations in equal shares; doublets come extra.
-    n_doublets = int(round(doublet_fraction * n_cells))
-    n_single = n_cells - n_doublets
-    n_draw = n_single + 2 * n_doublets
-    n_ctrl = int(round(control_fraction * n_draw))
-    pert_idx = np.concatenate([
-        np.full(n_ctrl, -1),
-        np.arange(n_draw - n_ctrl) % len(table),
-    ])
-    pert_idx = rng.permutation(pert_idx)
-    phase_idx = rng.choice(3, size=n_draw, p=probs)
-    capture = np.exp(np.log(capture_median) + capture_sigma * rng.standard_normal(n_draw))
-
-    # Per cell log2 changes: strength x program effect (controls: none).
+    # Per cell log2 changes: perturbation strength x its program's change (controls: none).
     prog_of_cell = np.where(pert_idx >= 0, table["program_index"].to_numpy()[pert_idx], -1)
     strength = np.where(pert_idx >= 0, table["strength"].to_numpy()[pert_idx], 0.0)
 
@@ -311,21 +290,21 @@ def simulate_perturbseq(
     log2_b = per_cell(effects["log2_b"])
     log2_gamma = per_cell(effects["log2_gamma"])
     log2_freq = per_cell(effects["log2_frequency"])
-    cc = cc_log2[:, phase_idx].T
     if cell_cycle_mode == "burst_size":
-        log2_b = log2_b + cc
+        log2_b += cc_log2[:, phase_idx].T
     else:
-        log2_freq = log2_freq + cc
+        log2_freq += cc_log2[:, phase_idx].T
     # A burst-frequency change f divides every rate in units of k by f: b is per burst.
     freq = 2.0**log2_freq
-    b = base_b * capture[:, None] * 2.0**log2_b
-    beta_cells = beta[None, :] / freq
-    gamma_cells = base_gamma * 2.0**log2_gamma / freq
     nascent, mature = _sample_counts(
-        b, beta_cells, gamma_cells, generator, chunk_cells, progress_bar
+        base_b * design["capture"][:, None] * 2.0**log2_b,
+        beta[None, :] / freq,
+        base_gamma * 2.0**log2_gamma / freq,
+        generator,
+        chunk_cells,
+        progress_bar,
     )
 
-    # Doublets: the sum of two independent cells' counts (what a real doublet is).
     names = table["perturbation"].to_numpy()
     labels = np.where(pert_idx >= 0, names[np.maximum(pert_idx, 0)], control_label)
     programs = np.array(
@@ -333,26 +312,10 @@ def simulate_perturbseq(
     )
     # Weak perturbations carry no program annotation (like Norman et al.'s unlabelled ones).
     programs[pert_idx >= n_programs * perturbations_per_program] = "unassigned"
-    first = np.arange(n_single, n_single + n_doublets)
-    second = np.arange(n_single + n_doublets, n_draw)
-    keep = np.arange(n_single)
-    nascent_out = np.concatenate([nascent[keep], nascent[first] + nascent[second]])
-    mature_out = np.concatenate([mature[keep], mature[first] + mature[second]])
-    joined = [f"{a}_{c}" for a, c in zip(labels[first], labels[second], strict=True)]
-    labels_out = np.concatenate([labels[keep], joined])
-    programs_out = np.concatenate([programs[keep], np.full(n_doublets, "doublet", dtype=object)])
-    phase_out = np.array(PHASES)[np.concatenate([phase_idx[keep], phase_idx[first]])]
-    capture_out = np.concatenate([capture[keep], capture[first] + capture[second]])
-
-    obs = pd.DataFrame(
-        {
-            "perturbation": pd.Categorical(labels_out),
-            "program": pd.Categorical(programs_out),
-            "phase": pd.Categorical(phase_out, categories=list(PHASES)),
-            "capture_efficiency": capture_out,
-            "doublet": np.r_[np.zeros(n_single, bool), np.ones(n_doublets, bool)],
-        },
-        index=[f"cell{i}" for i in range(n_cells)],
+    cells = _merge_doublets(
+        design["n_doublets"],
+        nascent=nascent, mature=mature, capture=design["capture"], perturbation=labels,
+        program=programs, phase=np.array(PHASES)[phase_idx],
     )
     var = pd.DataFrame(
         {
@@ -366,19 +329,11 @@ def simulate_perturbseq(
         },
         index=[f"Gene{g:04d}" for g in range(n_genes)],
     )
-    adata = ad.AnnData(
-        X=sp.csr_matrix(mature_out.astype(np.int32)),
-        obs=obs,
-        var=var,
-        layers={
-            "unspliced": sp.csr_matrix(nascent_out.astype(np.int32)),
-            "spliced": sp.csr_matrix(mature_out.astype(np.int32)),
-        },
-    )
-    adata.varm["log2_b_change"] = effects["log2_b"]
-    adata.varm["log2_gamma_change"] = effects["log2_gamma"]
-    adata.varm["log2_frequency_change"] = effects["log2_frequency"]
+    adata = _to_anndata(cells, var)
+    for key in ("log2_b", "log2_gamma", "log2_frequency"):
+        adata.varm[f"{key}_change"] = effects[key]
     adata.varm["effect_kind"] = effects["kind"]
+    n_annotated = n_programs * perturbations_per_program
     adata.uns["simulation"] = {
         "seed": int(seed),
         "programs": [f"program{p + 1}" for p in range(n_programs)],
@@ -393,13 +348,103 @@ def simulate_perturbseq(
             "perturbation": table["perturbation"].tolist(),
             "program": [f"program{p + 1}" for p in table["program_index"]],
             "strength": table["strength"].to_numpy(),
-            "annotated": [i < n_programs * perturbations_per_program for i in range(len(table))],
+            "annotated": [i < n_annotated for i in range(len(table))],
         },
         "note": "Rates in units of the burst frequency k; b is before capture (multiply "
         "by obs['capture_efficiency']). varm log2 changes are per gene x program for a "
         "perturbation of strength 1.",
     }
     return adata
+
+
+def _cell_cycle_effects(
+    rng: np.random.Generator, n_genes: int, fraction: float, log2: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cell-cycle genes and their log2 change per phase (G1, S, G2M columns)."""
+    n_cc = int(round(fraction * n_genes))
+    cc_genes = np.sort(rng.choice(n_genes, size=n_cc, replace=False))
+    cc_log2 = np.zeros((n_genes, 3))
+    # S-type genes go up in S, G2M-type genes in G2M; S-type genes stay half up in G2M
+    # (DNA is replicated) so that S and G2M are not only "G1 plus one gene set".
+    s_type = rng.random(n_cc) < 0.5
+    mag = log2 * rng.uniform(0.75, 1.25, n_cc)
+    cc_log2[cc_genes[s_type], 1] = mag[s_type]
+    cc_log2[cc_genes[~s_type], 2] = mag[~s_type]
+    cc_log2[cc_genes[s_type], 2] = 0.5 * mag[s_type]
+    return cc_genes, cc_log2
+
+
+def _cell_design(
+    rng: np.random.Generator,
+    n_cells: int,
+    n_perturbations: int,
+    control_fraction: float,
+    doublet_fraction: float,
+    phase_probabilities: np.ndarray,
+    capture_median: float,
+    capture_sigma: float,
+) -> dict[str, Any]:
+    """Labels (-1 = control), phases and capture of every drawn cell.
+
+    Doublets need two drawn cells each: the last ``2 n_doublets`` draws are paired.
+    """
+    n_doublets = int(round(doublet_fraction * n_cells))
+    n_draw = n_cells + n_doublets
+    n_ctrl = int(round(control_fraction * n_draw))
+    # Perturbations in equal shares after the controls, then shuffled.
+    labels = np.concatenate([np.full(n_ctrl, -1), np.arange(n_draw - n_ctrl) % n_perturbations])
+    return {
+        "perturbation": rng.permutation(labels),
+        "phase": rng.choice(3, size=n_draw, p=phase_probabilities),
+        "capture": np.exp(np.log(capture_median) + capture_sigma * rng.standard_normal(n_draw)),
+        "n_doublets": n_doublets,
+    }
+
+
+def _merge_doublets(n_doublets: int, **columns: np.ndarray) -> dict[str, np.ndarray]:
+    """Sum the last ``2 n_doublets`` drawn cells in pairs (what a real doublet is).
+
+    Counts and capture add up; labels are joined with ``_``; the program is
+    ``"doublet"``; the phase is the first cell's. Adds a boolean ``doublet`` column.
+    """
+    n_single = len(columns["nascent"]) - 2 * n_doublets
+    first = np.arange(n_single, n_single + n_doublets)
+    second = first + n_doublets
+    out = {}
+    for key, value in columns.items():
+        single = value[:n_single]
+        if key in ("nascent", "mature", "capture"):
+            pair = value[first] + value[second]
+        elif key == "perturbation":
+            pair = np.array([f"{a}_{c}" for a, c in zip(value[first], value[second], strict=True)])
+        elif key == "program":
+            pair = np.full(n_doublets, "doublet", dtype=object)
+        else:
+            pair = value[first]
+        out[key] = np.concatenate([single, pair])
+    out["doublet"] = np.r_[np.zeros(n_single, bool), np.ones(n_doublets, bool)]
+    return out
+
+
+def _to_anndata(cells: dict[str, np.ndarray], var: pd.DataFrame) -> ad.AnnData:
+    """Sparse integer layers, ``X`` = spliced, and the cell annotations."""
+    obs = pd.DataFrame(
+        {
+            "perturbation": pd.Categorical(cells["perturbation"]),
+            "program": pd.Categorical(cells["program"]),
+            "phase": pd.Categorical(cells["phase"], categories=list(PHASES)),
+            "capture_efficiency": cells["capture"],
+            "doublet": cells["doublet"],
+        },
+        index=[f"cell{i}" for i in range(len(cells["doublet"]))],
+    )
+    mature = sp.csr_matrix(cells["mature"].astype(np.int32))
+    return ad.AnnData(
+        X=mature.copy(),
+        obs=obs,
+        var=var,
+        layers={"unspliced": sp.csr_matrix(cells["nascent"].astype(np.int32)), "spliced": mature},
+    )
 
 
 # Layer names used by common velocity/nascent quantifiers, mapped to pybivi's names.
