@@ -313,3 +313,20 @@ def test_registry_lookup_and_user_scheme(monkeypatch):
     schemes.register(ScaledPoisson(), overwrite=True)
     with pytest.raises(TypeError):
         schemes.register("bursty")
+
+
+@pytest.mark.parametrize("name", ["bursty", "constitutive", "extrinsic"])
+def test_log_prob_agrees_with_package_solver_through_kinetic_map(name, monkeypatch):
+    """The scheme's kinetic map and the solver's parameterisation describe the same law."""
+    try:
+        from pybivi.cme.exact import exact_pmf
+    except ImportError:
+        pytest.skip("pybivi.cme.exact is not available yet")
+    monkeypatch.setattr(pybivi.cme, "exact_pmf", exact_pmf, raising=False)
+    scheme = schemes.get(name, backend="exact") if name == "bursty" else schemes.get(name)
+    mu_n, mu_m, theta = 2.5, 4.0, 0.8
+    pmf = scheme.exact_pmf_from_means(mu_n, mu_m, theta, n_max=40, m_max=40)
+    n, m = torch.meshgrid(torch.arange(41.0), torch.arange(41.0), indexing="ij")
+    params = (torch.tensor(v, dtype=torch.float64) for v in (mu_n, mu_m, theta))
+    logp = scheme.log_prob(n.double(), m.double(), *params)
+    np.testing.assert_allclose(logp.exp().numpy(), pmf, rtol=1e-6, atol=1e-11)
