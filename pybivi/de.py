@@ -123,7 +123,7 @@ def change_bayes_factors(
     scales_a: np.ndarray,
     scales_b: np.ndarray,
     delta: float = 0.2,
-    pseudocounts: float = 1e-5,
+    pseudocounts: float = 1e-10,
     n_pairs: int | None = None,
     seed: int | np.random.Generator = 0,
 ) -> dict[str, np.ndarray]:
@@ -148,8 +148,8 @@ def change_bayes_factors(
     -------
     dict
         Per gene: ``proba_de`` = max(P(lfc >= delta), P(lfc < -delta)),
-        ``bayes_factor`` = P/(1-P), ``log_bayes_factor`` (scvi-tools' unsigned
-        ``bayes_factor``), ``lfc_mean``/``lfc_median``/``lfc_sd`` (computed, as in
+        ``bayes_factor`` = P/(1-P), ``log_bayes_factor`` (scvi-tools' ``bayes_factor``),
+        ``lfc_mean``/``lfc_median``/``lfc_sd`` (computed, as in
         scvi-tools, with ``1e-3 * pseudocounts``), ``scale_a``, ``scale_b`` (means).
     """
     a = _as_samples(scales_a, "scales_a")
@@ -188,18 +188,20 @@ def estimate_pseudocounts(
     where_zero_b: np.ndarray,
     quantile: float = 0.9,
 ) -> float:
-    """scvi-tools' pseudo-count: shrink the lfc of genes not expressed in a group.
+    """scvi-tools' (1.4) pseudo-count: shrink the lfc of genes not expressed in a group.
 
-    The offset is the ``quantile`` of the per-gene maximal scale among genes whose
-    observed mean count in a group is below a threshold (``where_zero_*``), the larger
-    of the two groups, and at least ``1e-5`` (also the value when no gene is silent).
+    For each group, the ``quantile`` of the per-gene maximal scale among genes whose
+    observed mean count in that group is below a threshold (``where_zero_*``; ``1e-10``
+    when there is none); the larger of the two, divided by the number of genes, and at
+    least ``1e-10`` -- as ``scvi.model.base._differential.estimate_pseudocounts_offset``.
     """
     eps = []
     for scales, zero in ((scales_a, where_zero_a), (scales_b, where_zero_b)):
         zero = np.asarray(zero, dtype=bool)
         top = np.max(np.asarray(scales), axis=0)
-        eps.append(np.quantile(top[zero], quantile) if zero.any() else 1e-5)
-    return float(max(1e-5, *eps))
+        eps.append(np.quantile(top[zero], quantile) if zero.any() else 1e-10)
+    n_genes = np.shape(scales_a)[-1]
+    return float(max(1e-10, max(eps) / n_genes))
 
 
 def combined_call(calls: dict[str, np.ndarray]) -> np.ndarray:
@@ -454,7 +456,7 @@ def mean(
     -------
     pandas.DataFrame
         Index ``gene``; columns ``group``, ``reference``, ``proba_de``, ``bayes_factor``
-        (odds), ``log_bayes_factor`` (scvi-tools' ``bayes_factor`` up to its sign),
+        (odds), ``log_bayes_factor`` (scvi-tools 1.4's ``bayes_factor``),
         ``direction``, ``lfc_mean``, ``lfc_median``, ``lfc_sd``, ``scale_group``,
         ``scale_reference``, ``pseudocounts``, ``is_de``.
     """
@@ -468,7 +470,7 @@ def mean(
         eps = pseudocounts
         if eps is None:
             if observed is None:
-                eps = 1e-5  # no counts at hand: scvi-tools' floor
+                eps = 1e-10  # no counts at hand: scvi-tools' floor
             else:
                 zero_a = np.asarray(observed[mask].mean(0)).ravel() < threshold_counts
                 zero_b = np.asarray(observed[ref_mask].mean(0)).ravel() < threshold_counts

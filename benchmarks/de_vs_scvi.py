@@ -1,0 +1,132 @@
+"""pybivi.de.mean against scvi-tools' own ``change``-mode computation, on the same draws.
+
+A pybivi SCVI (ZINB, mature counts) is fitted on a simulated screen; for each program
+versus the controls, posterior draws of normalised mature expression are taken once
+(exactly the draws :func:`pybivi.de.mean` uses: reference seed ``seed``, group ``k``
+seed ``seed + k + 1``) and handed both to pybivi's Bayes-factor code and to
+scvi-tools' ``DifferentialComputation.get_bayes_factors(mode="change")`` (the code
+behind ``model.differential_expression(mode="change")``), through a ``model_fn`` that
+returns those draws. Printed per program: the largest differences in P(DE), the log
+Bayes factor and the lfc mean, the pseudo-count each side chose, and how many calls
+(odds > 2, i.e. log-odds > ln 2) agree.
+
+Needs scvi-tools importable (it is not a pybivi dependency), e.g.::
+
+    PYTHONPATH=/path/to/scvi-tools-site .venv/bin/python benchmarks/de_vs_scvi.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", type=int, default=2000)
+    parser.add_argument("--genes", type=int, default=300)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--samples", type=int, default=5000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        from scvi import REGISTRY_KEYS  # noqa: F401
+        from scvi.model import SCVI as ScviToolsSCVI
+        from scvi.model.base._differential import DifferentialComputation
+    except ImportError as err:
+        print(f"scvi-tools is not importable ({err}); nothing to compare against.")
+        return 0
+    import scvi
+
+    from pybivi import datasets, de
+    from pybivi.models import SCVI
+    from pybivi.posterior import pooled_samples
+
+    torch.set_num_threads(2)
+    adata = datasets.simulate_perturbseq(n_cells=args.cells, n_genes=args.genes, seed=args.seed)
+    SCVI.setup_anndata(adata, perturbation_key="perturbation", control_labels="NT")
+    model = SCVI(adata, seed=args.seed)
+    t0 = time.perf_counter()
+    model.train(max_epochs=args.epochs, progress_bar=False, seed=args.seed)
+    print(
+        f"pybivi SCVI: {args.cells} cells x {args.genes} genes, {args.epochs} epochs in "
+        f"{time.perf_counter() - t0:.1f} s; scvi-tools {scvi.__version__}"
+    )
+
+    programs = [str(p) for p in adata.uns["simulation"]["programs"]]
+    labels = adata.obs["program"].astype(str).to_numpy()
+    ref_idx = np.flatnonzero(labels == "control")
+
+    def draws(idx: np.ndarray, seed: int) -> np.ndarray:
+        # Same batch size and seeds as pybivi.de.mean, hence the very same draws.
+        out = pooled_samples(model, idx, args.samples, ["rho_mature"], batch_size=256, seed=seed)
+        return out["rho_mature"]
+
+    # scvi-tools side: its AnnDataManager only serves the counts for the pseudo-count.
+    scvi_adata = adata.copy()
+    ScviToolsSCVI.setup_anndata(scvi_adata, layer="spliced")
+    manager = ScviToolsSCVI._get_most_recent_anndata_manager(scvi_adata)
+    ref_draws = draws(ref_idx, args.seed)
+    cache: dict[bytes, np.ndarray] = {ref_idx.tobytes(): ref_draws}
+
+    def model_fn(adata, indices, transform_batch=None, n_samples_overall=None):
+        return cache[np.asarray(indices, dtype=np.int64).tobytes()]
+
+    dc = DifferentialComputation(model_fn, None, manager)
+    t_scvi = 0.0
+    print(
+        f"{'program':>9} {'max|dP|':>8} {'max|dlogBF|':>11} {'max|dlfc|':>9} "
+        f"{'eps ours':>9} {'eps scvi':>9} {'calls ours/scvi/agree':>22}"
+    )
+    worst = 0.0
+    t0 = time.perf_counter()
+    table = de.mean(
+        model,
+        groupby="program",
+        group=programs,
+        reference="control",
+        n_samples=args.samples,
+        seed=args.seed,
+    )
+    t_ours = time.perf_counter() - t0
+    for k, g in enumerate(programs):
+        idx = np.flatnonzero(labels == g)
+        cache[idx.tobytes()] = draws(idx, args.seed + k + 1)
+        ours = table[table["group"] == g]
+        t0 = time.perf_counter()
+        theirs = dc.get_bayes_factors(
+            labels == g,
+            labels == "control",
+            mode="change",
+            delta=0.2,
+            use_observed_batches=True,
+            n_samples_overall=args.samples,
+        )
+        t_scvi += time.perf_counter() - t0
+        dp = np.abs(ours["proba_de"].to_numpy() - theirs["proba_de"]).max()
+        # scvi-tools 1.4's bayes_factor is the (unsigned) natural log of the odds.
+        dbf = np.abs(ours["log_bayes_factor"].to_numpy() - theirs["bayes_factor"]).max()
+        dlfc = np.abs(ours["lfc_mean"].to_numpy() - theirs["lfc_mean"]).max()
+        call_ours = ours["is_de"].to_numpy()
+        call_scvi = theirs["bayes_factor"] > np.log(2.0)
+        agree = int(np.sum(call_ours == call_scvi))
+        worst = max(worst, dp)
+        print(
+            f"{g:>9} {dp:8.2e} {dbf:11.2e} {dlfc:9.2e} {ours['pseudocounts'].iloc[0]:9.2e} "
+            f"{float(theirs['pseudocounts']):9.2e} "
+            f"{int(call_ours.sum()):>8}/{int(call_scvi.sum())}/{agree}of{len(call_ours)}"
+        )
+    print(
+        f"time: pybivi.de.mean {t_ours:.2f} s (draws included), scvi-tools get_bayes_factors "
+        f"{t_scvi:.2f} s (draws cached) over {len(programs)} programs"
+    )
+    print(f"largest |P(DE) difference| over programs: {worst:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
