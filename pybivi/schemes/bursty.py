@@ -81,6 +81,8 @@ class ExactConditional:
         self, nascent: Tensor, mature: Tensor, b: Tensor, beta: Tensor, gamma: Tensor
     ) -> Tensor:
         """Exact ``log P(m | n)``; shape of the broadcast inputs, detached."""
+        from pybivi.cme import exact_pmf  # loaded on first use: schemes import cheaply
+
         nascent, mature, b, beta, gamma = torch.broadcast_tensors(nascent, mature, b, beta, gamma)
         shape, dtype, device = b.shape, b.dtype, b.device
         n = nascent.detach().reshape(-1).cpu().numpy().astype(np.int64)
@@ -96,8 +98,6 @@ class ExactConditional:
         for k, (bk, betak, gammak) in enumerate(unique):
             idx = order[bounds[k] : bounds[k + 1]]
             n_max, m_max = self._grid(bk, betak, gammak, int(n[idx].max()), int(m[idx].max()))
-            from pybivi.cme import exact_pmf  # the solver loads only when first needed
-
             pmf = exact_pmf("bursty", n_max=n_max, m_max=m_max, b=bk, beta=betak, gamma=gammak)
             # Round-off of the solver can leave tiny negative values far in the tail:
             # there the probability is below what float64 resolves, so log gives -inf.
