@@ -211,7 +211,7 @@ def pooled_samples(
     return {q: v[keep] for q, v in pooled.items()}
 
 
-def _obs_frame(model: Any, adata: Any):
+def _adata_of(model: Any, adata: Any):
     adata = model.adata if adata is None else adata
     if adata is None:
         raise ValueError("the model holds no AnnData: pass adata=")
@@ -329,7 +329,9 @@ def posterior(
     >>> idata = model.posterior(n_samples=10, genes=["GATA1"])   # doctest: +SKIP
     >>> idata.posterior["burst_size"].sel(gene="GATA1", library="reference")  # doctest: +SKIP
     """
-    adata = _obs_frame(model, adata)
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    adata = _adata_of(model, adata)
     rows = select_cells(adata, indices, groupby, groups, max_cells_per_group, seed)
     if rows.size == 0:
         raise ValueError("no cells selected")
@@ -342,7 +344,7 @@ def posterior(
     module = model.module
     species = tuple(getattr(module, "species", ("nascent", "mature")))
     observed = {s: np.empty((n_cells, n_genes), np.float32) for s in species}
-    const: dict[str, np.ndarray] = {}
+    const: dict[str, list[np.ndarray]] = {}
     latents: dict[str, np.ndarray] = {}
     replicated = None
     if posterior_predictive:

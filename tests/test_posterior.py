@@ -174,3 +174,5 @@ def test_bad_input(fitted):
         posterior.posterior(fitted, quantities=["burst_size"])
     with pytest.raises(ValueError, match="indices"):
         posterior.posterior(fitted, indices=[10_000])
+    with pytest.raises(ValueError, match="n_samples"):
+        posterior.posterior(fitted, n_samples=0)
