@@ -1,0 +1,7 @@
+"""Chemical master equation numerics: exact steady-state solvers and approximators."""
+
+from pybivi.cme.exact import KNOWN_SCHEMES as KNOWN_SCHEMES
+from pybivi.cme.exact import analytic_moments as analytic_moments
+from pybivi.cme.exact import exact_pmf as exact_pmf
+from pybivi.cme.exact import exact_pmf_many as exact_pmf_many
+from pybivi.cme.exact import suggest_grid as suggest_grid

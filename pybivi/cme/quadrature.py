@@ -1,0 +1,369 @@
+"""Generating-function solver for the bursty two-species CME (SPEC section 4).
+
+The steady-state probability generating function of the bursty scheme (rates in
+units of the burst frequency, ``k = 1``) is, with ``u = x - 1`` and ``v = y - 1``,
+
+.. math::
+
+    \\log G(x, y) = \\int_0^\\infty \\frac{U(s)}{1 - U(s)}\\, ds, \\qquad
+    U(s) = b\\,\\bigl(u\\, e^{-\\beta s} + v\\, \\beta\\, \\varphi(s)\\bigr),
+
+where :math:`\\beta\\varphi(s) = \\beta (e^{-\\gamma s} - e^{-\\beta s}) / (\\beta - \\gamma)` is
+the probability that a molecule born ``s`` ago is mature now. On the unit circle
+``Re u <= 0`` and ``Re v <= 0``, so ``Re(1 - U) >= 1``: the integrand has no real
+singularity and ``|U / (1 - U)| <= |U|``, which gives a rigorous tail bound.
+
+The integrand does not oscillate in ``s`` but its scales span ``1 / max(beta, gamma)``
+to ``log(b) / min(beta, gamma)`` (many decades at the edges of the domain), so the
+rule is composite Gauss-Legendre in ``xi = log s`` (uniform panels) plus one
+Gauss-Legendre piece on ``[0, s_lo]``; the upper end comes from the tail bound. The
+nodes are shared by every grid point, so the cost is ``nodes x grid``; Hermitian
+symmetry halves the grid (``numpy.fft.irfft2``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.polynomial.legendre import leggauss
+
+# Rule parameters, chosen by measured error against a rule with four times as many
+# nodes over the whole domain (see tests/test_exact.py and benchmarks/exact_solver.py).
+PANEL_STEP = 1.5  # panel width / distance of the nearest unresolved pole
+ANGLE = 0.8  # poles near the origin lie at least ANGLE * s away from s
+PANEL_NODES = 16  # Gauss-Legendre nodes per panel
+HEAD_NODES = 12  # Gauss-Legendre nodes on [0, s_lo]
+HEAD_SCALE = 0.5  # s_lo = HEAD_SCALE / (max(beta, gamma) (1 + 2 b))
+TAIL_TOL = 1e-16  # bound on the neglected integral over [s_hi, inf)
+# Elements per block of the vectorised (nodes x grid) evaluation: big enough to
+# amortise numpy's per-call overhead on small grids, small enough for the cache.
+BLOCK_ELEMENTS = 1 << 16
+CHUNK_ELEMENTS = 1 << 13  # row chunk of large grids (128 KiB of complex128: stays in cache)
+NODE_GROUP = 8  # nodes whose weights are subtracted together from the accumulator
+
+
+def mature_fraction(s: np.ndarray, beta: float, gamma: float) -> np.ndarray:
+    """Probability ``beta * phi(s)`` that a molecule of age ``s`` is mature.
+
+    Computed as ``beta * exp(-min(beta, gamma) s) * (-expm1(-|beta - gamma| s)) / |beta - gamma|``,
+    which is continuous through ``beta == gamma`` (limit ``beta s exp(-beta s)``) and
+    never forms the large cancelling coefficients ``beta / (beta - gamma)``.
+    """
+    s = np.asarray(s, dtype=np.float64)
+    rmin = min(beta, gamma)
+    d = abs(beta - gamma)
+    if d == 0.0:
+        frac = s
+    else:
+        frac = -np.expm1(-d * s) / d
+    return beta * np.exp(-rmin * s) * frac
+
+
+def _tail_bound(s: float, b: float, beta: float, gamma: float) -> float:
+    """Upper bound on ``int_s^inf |U/(1-U)| ds`` over the whole unit torus.
+
+    ``|u|, |v| <= 2`` and ``|1 - U| >= 1`` give
+    ``|U/(1-U)| <= 2 b (e^{-beta s} + beta phi(s))``, and
+    ``beta phi(s) <= beta e^{-r s} min(s, 1/d)`` with ``r = min(beta, gamma)``,
+    ``d = |beta - gamma|``.
+    """
+    r = min(beta, gamma)
+    d = abs(beta - gamma)
+    nascent = math.exp(-beta * s) / beta
+    mature = beta * math.exp(-r * s) * (s / r + 1.0 / r**2)
+    if d > 0.0:
+        mature = min(mature, beta * math.exp(-r * s) / (r * d))
+    return 2.0 * b * (nascent + mature)
+
+
+def upper_limit(b: float, beta: float, gamma: float, tol: float = TAIL_TOL) -> float:
+    """Smallest ``s_hi`` (within a factor 1.01) whose tail bound is below ``tol``."""
+    lo = 0.0
+    hi = 1.0 / min(beta, gamma)
+    while _tail_bound(hi, b, beta, gamma) > tol:
+        lo, hi = hi, 2.0 * hi
+    while hi - lo > 0.01 * hi:
+        mid = 0.5 * (lo + hi)
+        if _tail_bound(mid, b, beta, gamma) > tol:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def panel_edges(
+    b: float, beta: float, gamma: float, s_lo: float, s_hi: float, step: float = PANEL_STEP
+) -> np.ndarray:
+    """Panel breakpoints on ``[s_lo, s_hi]`` sized to the distance to the nearest pole.
+
+    The poles of ``U/(1-U)`` that the rule must resolve (those of the opposite-sign
+    crossing are subtracted, see :func:`_near_poles`) lie at least ``~s`` away in angle
+    (scale invariance near the origin) and at least ``pi / (2 r)`` off the axis where the
+    exponential of rate ``r`` still matters (the logistic transition of ``b c e^{-r s}``
+    through 1 at ``s ~ log(b) / r``). A panel of width ``step * D`` with ``D`` that distance
+    bound puts the pole ``2 / step`` half-widths away: the Gauss-Legendre error then decays
+    like ``(2/step + sqrt(1 + 4/step^2))^(-2 n)``.
+    """
+    rmax, rmin = max(beta, gamma), min(beta, gamma)
+    # |U| <= 2 b (e^{-beta s} + beta phi(s)), so the logistic transition of the part with
+    # rate r is over before (log(2 + 2 b) + 3) / r.
+    log_c = math.log(2.0 + 2.0 * b) + 3.0
+    edges = [s_lo]
+    s = s_lo
+    while s < s_hi:
+        dist = ANGLE * s
+        if s < log_c / rmax:
+            dist = min(dist, 0.5 * math.pi / rmax)
+        elif s < log_c / rmin:
+            dist = min(dist, 0.5 * math.pi / rmin)
+        s = min(s + step * dist, s_hi)
+        edges.append(s)
+    return np.asarray(edges)
+
+
+def quadrature_rule(
+    b: float,
+    beta: float,
+    gamma: float,
+    step: float = PANEL_STEP,
+    panel_nodes: int = PANEL_NODES,
+    head_nodes: int = HEAD_NODES,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes and weights in ``s`` for ``int_0^s_hi f(s) ds`` at the given parameters.
+
+    Parameters
+    ----------
+    b, beta, gamma
+        Burst size and splicing/degradation rates (units of the burst frequency).
+    step, panel_nodes, head_nodes
+        Rule resolution (defaults are the calibrated values): panel width relative to
+        the pole-distance bound, Gauss-Legendre nodes per panel and on ``[0, s_lo]``.
+
+    Returns
+    -------
+    nodes, weights
+        Float64 arrays of equal length, nodes increasing; the weights sum to ``s_hi``.
+    """
+    # Near s = 0 the integrand varies on the scale 1 / (b max(beta, gamma))
+    # (U ~ b u + b v beta s), so the panels reach down to there.
+    s_lo = HEAD_SCALE / (max(beta, gamma) * (1.0 + 2.0 * b))
+    s_hi = max(upper_limit(b, beta, gamma), 2.0 * s_lo)
+    x, w = leggauss(head_nodes)
+    head_s = 0.5 * s_lo * (x + 1.0)
+    head_w = 0.5 * s_lo * w
+    edges = panel_edges(b, beta, gamma, s_lo, s_hi, step)
+    half = 0.5 * np.diff(edges)[:, None]
+    mid = 0.5 * (edges[:-1] + edges[1:])[:, None]
+    xp, wp = leggauss(panel_nodes)
+    nodes = (mid + half * xp[None, :]).ravel()
+    weights = (half * wp[None, :]).ravel()
+    return np.concatenate([head_s, nodes]), np.concatenate([head_w, weights])
+
+
+def unit_circle_minus_one(length: int, count: int | None = None) -> np.ndarray:
+    """``exp(-2 pi i k / length) - 1`` for ``k < count``, accurate for small angles."""
+    k = np.arange(length if count is None else count, dtype=np.float64)
+    theta = 2.0 * np.pi * k / length
+    return -2.0 * np.sin(0.5 * theta) ** 2 - 1j * np.sin(theta)
+
+
+def _mature_fraction_complex(s: np.ndarray, beta: float, gamma: float) -> np.ndarray:
+    """``beta * phi(s)`` for complex ``s`` (same stable form as :func:`mature_fraction`)."""
+    rmin = min(beta, gamma)
+    d = abs(beta - gamma)
+    frac = s if d == 0.0 else -np.expm1(-d * s) / d
+    return beta * np.exp(-rmin * s) * frac
+
+
+def _near_poles(
+    u: np.ndarray, v: np.ndarray, b: float, beta: float, gamma: float, iterations: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pole ``s_p`` of ``1/(1-U(s))`` near the positive axis, and its residue, per grid point.
+
+    When ``Im u`` and ``Im v`` have opposite signs, ``Im U(s)`` crosses zero once, at
+    ``s*`` where ``e^{-beta s} / (beta phi(s)) = -Im v / Im u`` (closed form below).
+    Around ``s*`` the integrand is a Lorentzian of width ``~1/|U'(s*)|``, which can be
+    far narrower than any shared rule resolves when ``b`` is large; it comes from a
+    simple pole just off the axis. Newton's method from ``s*`` locates it. Subtracting
+    ``c/(s - s_p)`` and adding its exact integral is exact for any ``(c, s_p)`` off the
+    real axis, so a poorly converged pole only costs accuracy, never correctness.
+    Returns ``(s_p, c)`` with ``c = 0`` where no crossing exists.
+    """
+    uu = u[:, None]
+    vv = v[None, :]
+    im_u = np.broadcast_to(uu.imag, (u.size, v.size))
+    im_v = np.broadcast_to(vv.imag, (u.size, v.size))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = -im_v / im_u  # e^{-beta s*} / (beta phi(s*)) at the crossing
+        x = (beta - gamma) / (beta * ratio)
+        # s* = log1p(x) / (beta - gamma) = log1p(x)/x / (beta ratio), continuous at beta == gamma
+        lx = np.where(np.abs(x) < 1e-8, 1.0 - 0.5 * x, np.log1p(x) / np.where(x == 0, 1.0, x))
+        s0 = lx / (beta * ratio)
+    ok = (ratio > 0) & np.isfinite(s0) & (s0 > 0) & (x > -1.0)
+    s_p = np.where(ok, s0, 1.0).astype(np.complex128)
+    # Newton may wander off for grid points without a nearby pole; overflow there is
+    # harmless because such points fail the convergence test below.
+    with np.errstate(all="ignore"):
+        for _ in range(iterations):
+            one_minus_u, du = _one_minus_u_and_slope(s_p, uu, vv, b, beta, gamma)
+            s_p = s_p + one_minus_u / du
+        one_minus_u, du = _one_minus_u_and_slope(s_p, uu, vv, b, beta, gamma)
+        residue = -1.0 / du
+        # Keep converged poles off the integration path (true poles always are:
+        # |1 - U| >= 1 for real s >= 0); far ones are harmless to subtract.
+        ok &= np.isfinite(s_p) & np.isfinite(residue) & (np.abs(one_minus_u) < 1e-9)
+        ok &= (s_p.imag != 0) | (s_p.real < 0)
+    return np.where(ok, s_p, 1.0 + 1.0j), np.where(ok, residue, 0.0)
+
+
+def _one_minus_u_and_slope(
+    s: np.ndarray, uu: np.ndarray, vv: np.ndarray, b: float, beta: float, gamma: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``1 - U(s)`` and ``U'(s)`` at complex ``s``.
+
+    Uses ``(beta phi)' = beta e^{-beta s} - gamma beta phi``.
+    """
+    a_s = np.exp(-beta * s)
+    c_s = _mature_fraction_complex(s, beta, gamma)
+    one_minus_u = 1.0 - b * (uu * a_s + vv * c_s)
+    du = b * (-beta * uu * a_s + vv * (beta * a_s - gamma * c_s))
+    return one_minus_u, du
+
+
+def log_gf(
+    u: np.ndarray,
+    v: np.ndarray,
+    b: float,
+    beta: float,
+    gamma: float,
+    nodes: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+    subtract_poles: bool = True,
+) -> np.ndarray:
+    """``log G`` on the outer grid ``(u[i], v[j])``: shape ``(len(u), len(v))``, complex128.
+
+    ``u`` and ``v`` must satisfy ``Re u <= 0``, ``Re v <= 0`` (points of the unit
+    torus minus one); the tail bound and the absence of real poles rely on it.
+    """
+    if nodes is None or weights is None:
+        nodes, weights = quadrature_rule(b, beta, gamma)
+    u = np.asarray(u, dtype=np.complex128)
+    v = np.asarray(v, dtype=np.complex128)
+    a_k = np.exp(-beta * nodes)
+    c_k = mature_fraction(nodes, beta, gamma)
+    # w U/(1-U) = w/(1-U) - w; dividing (1-U) by w first folds the weight into the
+    # reciprocal, and subtracting w as we go (not the sum of all w at the end) keeps the
+    # accumulator at the size of log G, so rounding does not grow with s_hi.
+    p_k = (1.0 - b * a_k[:, None] * u[None, :]) / weights[:, None]
+    q_k = (-b * c_k[:, None] * v[None, :]) / weights[:, None]
+    if u.size * v.size <= BLOCK_ELEMENTS:
+        acc = _accumulate_node_blocks(p_k, q_k, weights)
+    else:
+        acc = _accumulate_row_chunks(p_k, q_k, weights)
+    if subtract_poles:
+        acc += _pole_correction(u, v, b, beta, gamma, nodes, weights)
+    return acc
+
+
+def _accumulate_node_blocks(p_k: np.ndarray, q_k: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Small grids: vectorise over blocks of nodes to amortise numpy's per-call cost."""
+    size = p_k.shape[1] * q_k.shape[1]
+    acc = np.zeros((p_k.shape[1], q_k.shape[1]), dtype=np.complex128)
+    step = max(1, BLOCK_ELEMENTS // size)
+    for start in range(0, weights.size, step):
+        sl = slice(start, start + step)
+        t = p_k[sl, :, None] + q_k[sl, None, :]
+        np.reciprocal(t, out=t)
+        t -= weights[sl, None, None]
+        acc += t.sum(axis=0)
+    return acc
+
+
+def _accumulate_row_chunks(p_k: np.ndarray, q_k: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Large grids: cache-sized row chunks, three array passes per node.
+
+    The weights are subtracted per group of ``NODE_GROUP`` nodes: the accumulator then
+    stays of the size of ``log G`` and rounding does not grow with ``s_hi``.
+    """
+    n_u, n_v = p_k.shape[1], q_k.shape[1]
+    acc = np.empty((n_u, n_v), dtype=np.complex128)
+    rows = max(1, CHUNK_ELEMENTS // n_v)
+    t = np.empty((rows, n_v), dtype=np.complex128)
+    group_w = np.add.reduceat(weights, np.arange(0, weights.size, NODE_GROUP))
+    for r0 in range(0, n_u, rows):
+        r1 = min(r0 + rows, n_u)
+        out = acc[r0:r1]
+        out[...] = 0.0
+        tt = t[: r1 - r0]
+        for k in range(weights.size):
+            np.add(p_k[k, r0:r1, None], q_k[k, None, :], out=tt)
+            np.reciprocal(tt, out=tt)
+            out += tt
+            if k % NODE_GROUP == NODE_GROUP - 1 or k == weights.size - 1:
+                out -= group_w[k // NODE_GROUP]
+    return acc
+
+
+def _pole_correction(
+    u: np.ndarray,
+    v: np.ndarray,
+    b: float,
+    beta: float,
+    gamma: float,
+    nodes: np.ndarray,
+    weights: np.ndarray,
+) -> np.ndarray:
+    """Exact integral minus the rule's value of ``c/(s - s_p)`` over ``[0, s_end]``."""
+    s_p, res = _near_poles(u, v, b, beta, gamma)
+    out = np.zeros(s_p.shape, dtype=np.complex128)
+    idx = np.flatnonzero(res)
+    if idx.size == 0:
+        return out
+    sp = s_p.ravel()[idx]
+    c = res.ravel()[idx]
+    s_end = _rule_end(nodes, weights)
+    # s - s_p keeps a constant non-zero imaginary part along the real path, so the
+    # principal logarithm never crosses its branch cut.
+    exact = c * (np.log(s_end - sp) - np.log(-sp))
+    approx = np.zeros(idx.size, dtype=np.complex128)
+    step = max(1, BLOCK_ELEMENTS // idx.size)
+    for start in range(0, nodes.size, step):
+        sl = slice(start, start + step)
+        approx += (weights[sl, None] / (nodes[sl, None] - sp[None, :])).sum(axis=0)
+    out.flat[idx] = exact - c * approx
+    return out
+
+
+def _rule_end(nodes: np.ndarray, weights: np.ndarray) -> float:
+    """Upper end ``s_hi`` of the interval ``[0, s_hi]`` that a rule integrates.
+
+    Every piece is Gauss-Legendre, exact for constants, so the weights sum to ``s_hi``.
+    """
+    return float(weights.sum())
+
+
+def bursty_pmf_fft(
+    b: float, beta: float, gamma: float, len_nascent: int, len_mature: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Joint PMF on the periodic grid ``(len_nascent, len_mature)`` by a 2-D inverse FFT.
+
+    The result is the aliased PMF ``sum_{j,l} P(n + j L_N, m + l L_M)``; callers choose
+    the grid so that the folded mass is negligible. Round-off of the FFT leaves values of
+    order ``1e-17`` that may be negative; they are clipped to zero in the joint PMF.
+
+    Returns
+    -------
+    pmf
+        Shape ``(len_nascent, len_mature)``, clipped at zero.
+    mature_marginal
+        The unclipped 1-D inverse FFT of ``G(1, y)``: sums of its entries are free of
+        the clipping bias, which makes it the right tool for tail-mass checks.
+    """
+    u = unit_circle_minus_one(len_nascent)
+    v = unit_circle_minus_one(len_mature, len_mature // 2 + 1)
+    gf = np.exp(log_gf(u, v, b, beta, gamma))
+    gf[0, 0] = 1.0  # G(1, 1) = 1 exactly (the integrand vanishes at u = v = 0)
+    pmf = np.fft.irfft2(gf, s=(len_nascent, len_mature))
+    np.clip(pmf, 0.0, None, out=pmf)
+    return pmf, np.fft.irfft(gf[0], n=len_mature)
