@@ -182,13 +182,17 @@ def run_pipeline(
         summary["program_purity"] = (
             purity_table.groupby(["model", "program"])["purity"].mean().unstack().to_dict("index")
         )
-    (out / "metrics.json").write_text(json.dumps(_finite(summary), indent=1, default=float))
     report = rep_mod.Report(out, title=title)
     rep_mod.add_figure2(
         report, adata, table, purity_table, models=models, program_key=program_key,
         phase_key=phase_key, perturbed=perturbed, embedding=embedding, intro=intro,
         display=DISPLAY, quiet=quiet,
     )
+    if kinetic is not None and program_key is not None and "simulation" in adata.uns:
+        summary["kinetic_recovery"] = rep_mod.add_kinetic_recovery(
+            report, adata, program_key, is_ctrl
+        )
+    (out / "metrics.json").write_text(json.dumps(_finite(summary), indent=1, default=float))
     report.write()
     _log(f"writing {out / 'adata.h5ad'}", quiet)
     adata.write_h5ad(out / "adata.h5ad")

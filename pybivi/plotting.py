@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["embed", "embedding_grid", "metric_bars", "purity_bars"]
+__all__ = ["embed", "embedding_grid", "metric_bars", "purity_bars", "truth_scatter"]
 
 # Fixed colours for the labels the report uses most, so panels agree with each other.
 _FIXED = {"G1": "#4c72b0", "S": "#dd8452", "G2M": "#55a868", "control": "#bbbbbb"}
@@ -224,6 +224,49 @@ def purity_bars(
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, frameon=False, ncol=2)
     ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def truth_scatter(
+    panels: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]],
+    kind_names: Sequence[str],
+    path: str | Path | None = None,
+):
+    """Estimated against true log2 changes, one panel per parameter, coloured by effect kind.
+
+    Parameters
+    ----------
+    panels
+        Each entry: ``(truth, estimate, kind code, title)`` arrays of equal length.
+    kind_names
+        Name of each kind code (``pybivi.datasets.EFFECT_KINDS``).
+    path
+        Where to save a PNG (optional).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    colours = _colours([k for k in kind_names if k != "none"])
+    colours["none"] = "#cccccc"
+    for ax, (truth, est, kind, title) in zip(axes.flat, panels, strict=True):
+        for code in np.unique(kind):
+            sel = kind == code
+            name = kind_names[code]
+            ax.scatter(truth[sel], est[sel], s=8, c=colours[name], label=name, linewidths=0)
+        lim = float(np.nanmax(np.abs(np.concatenate([truth, est])))) * 1.05 + 0.1
+        ax.plot([-lim, lim], [-lim, lim], color="k", lw=0.8, ls="--")
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_xlabel("true log2 change")
+        ax.set_ylabel("estimated log2 change")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)
