@@ -103,7 +103,7 @@ print(model)
 print(history[["epoch", "train_loss", "kl_weight"]].tail())
 
 # %% [markdown]
-# The training loss is the negative ELBO per cell. It must go down even though the KL weight
+# The training loss is the negative ELBO per cell. It goes down even though the KL weight
 # rises from 0.001 to 1 during the warm-up (a larger weight can only increase the loss).
 
 # %%
@@ -145,9 +145,9 @@ fig = plotting.embedding_grid(
 )
 
 # %% [markdown]
-# With the full sizes the salient space separates the programs (ARI well above the
-# background's) while mixing the phases; with `PYBIVI_TUTORIAL_FAST=1` the model is trained
-# for a few epochs only and the numbers mean little.
+# With the full sizes the salient space should separate the programs better than the background
+# space does, and carry less of the cell cycle (a higher mixing entropy); with
+# `PYBIVI_TUTORIAL_FAST=1` the model is trained for a few epochs only and the numbers mean little.
 #
 # ## 5. Test kinetic shifts with Bayes factors
 #
