@@ -37,6 +37,7 @@ __all__ = [
     "ppc",
     "plot_ppc",
     "plot_calibration",
+    "section",
 ]
 
 STATISTICS = ("mean", "variance", "zero_fraction", "correlation")
@@ -373,3 +374,40 @@ def plot_calibration(result: PPCResult):
         ax.set_xlabel("ppp")
     axes[0].set_ylabel("genes")
     return fig
+
+
+def section(model_or_result: Any, n_replicates: int = 20, seed: int = 0) -> dict[str, Any]:
+    """The report's posterior-predictive section: summary table, two figures, a short text.
+
+    Parameters
+    ----------
+    model_or_result
+        A fitted model (checked here with :func:`ppc`) or a :class:`PPCResult`.
+    n_replicates, seed
+        Passed to :func:`ppc` when a model is given.
+
+    Returns
+    -------
+    dict
+        ``"result"`` (:class:`PPCResult`), ``"summary"`` (DataFrame), ``"figures"``
+        (``{"statistics": plot_ppc, "calibration": plot_calibration}``), ``"text"``.
+    """
+    if isinstance(model_or_result, PPCResult):
+        result = model_or_result
+    else:
+        result = ppc(model_or_result, n_replicates=n_replicates, seed=seed)
+    s = result.summary
+    parts = [
+        f"{name.replace('_', ' ')}: {100 * row['fraction_central_95']:.0f}% of genes inside the "
+        f"replicates' central 95% (corr. across genes {row['gene_correlation']:.2f})"
+        for name, row in s.iterrows()
+    ]
+    text = "Posterior-predictive check (observed statistic among replicated datasets): " + (
+        "; ".join(parts) + "."
+    )
+    return {
+        "result": result,
+        "summary": s,
+        "figures": {"statistics": plot_ppc(result), "calibration": plot_calibration(result)},
+        "text": text,
+    }

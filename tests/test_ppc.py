@@ -149,6 +149,9 @@ def test_ppc_on_a_bimodal_model(sim):
     fig = ppc.plot_ppc(res, statistics=["mean_mature", "correlation"])
     assert len(fig.axes) == 4
     assert len(ppc.plot_calibration(res).axes) == 7
+    sec = ppc.section(res)
+    assert sec["summary"] is res.summary and set(sec["figures"]) == {"statistics", "calibration"}
+    assert "correlation" in sec["text"]
 
 
 def test_ppc_on_a_mature_only_model(sim):
