@@ -45,6 +45,7 @@ OURS = PEAK + r"""
 import json, sys, time
 import anndata as ad
 import torch
+import torch._dynamo  # Adam's first step imports it (seconds); Lightning did so at import time
 import pybivi
 adata = ad.read_h5ad(sys.argv[1])
 epochs, scheme, threads = int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
