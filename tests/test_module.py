@@ -228,3 +228,26 @@ def test_bad_arguments_are_refused():
     batch["label"][1] = -1  # a perturbed cell with an unseen label
     with pytest.raises(ValueError, match="label"):
         module.model(batch)
+
+
+def test_a_subclass_replaces_the_likelihood():
+    class Poissons(ContrastiveModule):
+        def likelihood_dist(self, decoded):
+            rates = torch.stack([decoded["mu_nascent"], decoded["mu_mature"]], dim=-1)
+            return dist.Poisson(rates).to_event(2)
+
+    module, cells = setup()
+    pois = Poissons(12, 3, 40, n_background=4, n_salient=3, n_hidden=16, scheme="extrinsic")
+    pois.load_state_dict(module.state_dict())
+    pois.eval()
+    batch = cells.batch(np.arange(10))
+    pyro.set_rng_seed(0)
+    guide = poutine.trace(pois.guide).get_trace(batch)
+    model = poutine.trace(poutine.replay(pois.model, trace=guide)).get_trace(batch)
+    t = torch.where(batch["is_control"][:, None], 0.0, guide.nodes["t"]["value"])
+    dec = pois.decode(guide.nodes["z"]["value"], t, batch["library_nascent"],
+                      batch["library_mature"])
+    x = torch.stack([batch["x_nascent"], batch["x_mature"]], -1)
+    rate = torch.stack([dec["mu_nascent"], dec["mu_mature"]], -1)
+    expected = (x * rate.log() - rate - torch.lgamma(x + 1)).sum((-1, -2))
+    torch.testing.assert_close(model.nodes["x"]["fn"].log_prob(x), expected, rtol=1e-5, atol=1e-3)
