@@ -35,7 +35,7 @@ KNOWN_SCHEMES: dict[str, tuple[str, ...]] = {
     "extrinsic": ("alpha", "beta", "gamma"),
 }
 TAIL = 1e-12  # mass left beyond the default crop, per species
-ALIAS_TAIL = 1e-14  # mass beyond the FFT grid (folded back onto it), per species
+ALIAS_TAIL = 1e-13  # mass beyond the FFT grid (folded back onto it), per species
 MAX_FFT_POINTS = 30_000_000  # half-spectrum points (x 16 bytes) before refusing
 
 
@@ -178,7 +178,7 @@ def _bursty(p: dict[str, float], n_max: int | None, m_max: int | None) -> np.nda
     n_alias = _nb_isf(ALIAS_TAIL, 1.0 / beta, b / beta)
     m_alias = _mature_bound(ALIAS_TAIL, b, beta, gamma)
     len_n = sp_fft.next_fast_len(max(n_alias, n_max or 0) + 2, real=True)
-    len_m = sp_fft.next_fast_len(max(int(1.1 * m_alias) + 4, (m_max or 0) + 2), real=True)
+    len_m = sp_fft.next_fast_len(max(m_alias, m_max or 0) + 2, real=True)
     for _ in range(8):
         if len_n * (len_m // 2 + 1) > MAX_FFT_POINTS:
             raise ValueError(

@@ -40,6 +40,7 @@ TAIL_TOL = 1e-16  # bound on the neglected integral over [s_hi, inf)
 # amortise numpy's per-call overhead on small grids, small enough for the cache.
 BLOCK_ELEMENTS = 1 << 16
 CHUNK_ELEMENTS = 1 << 13  # row chunk of large grids (128 KiB of complex128: stays in cache)
+LIGHT_WEIGHT = 0.05  # nodes with larger weights use the cancellation-free quotient
 NODE_GROUP = 8  # nodes whose weights are subtracted together from the accumulator
 
 
@@ -252,56 +253,71 @@ def log_gf(
     v = np.asarray(v, dtype=np.complex128)
     a_k = np.exp(-beta * nodes)
     c_k = mature_fraction(nodes, beta, gamma)
-    # w U/(1-U) = w/(1-U) - w; dividing (1-U) by w first folds the weight into the
-    # reciprocal, and subtracting w as we go (not the sum of all w at the end) keeps the
-    # accumulator at the size of log G, so rounding does not grow with s_hi.
-    p_k = (1.0 - b * a_k[:, None] * u[None, :]) / weights[:, None]
-    q_k = (-b * c_k[:, None] * v[None, :]) / weights[:, None]
-    if u.size * v.size <= BLOCK_ELEMENTS:
-        acc = _accumulate_node_blocks(p_k, q_k, weights)
-    else:
-        acc = _accumulate_row_chunks(p_k, q_k, weights)
+    bu = b * a_k[:, None] * u[None, :]
+    bv = b * c_k[:, None] * v[None, :]
+    # Light nodes: w U/(1-U) = w/(1-U) - w. Dividing (1-U) by w first folds the weight
+    # into the reciprocal (three array passes per node); the cancellation costs
+    # ~1e-16 w per node, negligible while w is small. Heavy nodes (far out in s, where U
+    # is tiny and w large) use the four-pass quotient w U / (1 - U), free of it.
+    light = weights <= LIGHT_WEIGHT
+    w_l, w_h = weights[light], weights[~light]
+    acc = _accumulate(None, None, (1.0 - bu[light]) / w_l[:, None], -bv[light] / w_l[:, None], w_l)
+    acc += _accumulate(
+        w_h[:, None] * bu[~light], w_h[:, None] * bv[~light], 1.0 - bu[~light], -bv[~light], None
+    )
     if subtract_poles:
         acc += _pole_correction(u, v, b, beta, gamma, nodes, weights)
     return acc
 
 
-def _accumulate_node_blocks(p_k: np.ndarray, q_k: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Small grids: vectorise over blocks of nodes to amortise numpy's per-call cost."""
-    size = p_k.shape[1] * q_k.shape[1]
-    acc = np.zeros((p_k.shape[1], q_k.shape[1]), dtype=np.complex128)
-    step = max(1, BLOCK_ELEMENTS // size)
-    for start in range(0, weights.size, step):
-        sl = slice(start, start + step)
-        t = p_k[sl, :, None] + q_k[sl, None, :]
-        np.reciprocal(t, out=t)
-        t -= weights[sl, None, None]
-        acc += t.sum(axis=0)
-    return acc
+def _accumulate(
+    num_u: np.ndarray | None,
+    num_v: np.ndarray | None,
+    den_u: np.ndarray,
+    den_v: np.ndarray,
+    offset: np.ndarray | None,
+) -> np.ndarray:
+    """``sum_k (num_u[k, i] + num_v[k, j]) / (den_u[k, i] + den_v[k, j]) - offset[k]``.
 
-
-def _accumulate_row_chunks(p_k: np.ndarray, q_k: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Large grids: cache-sized row chunks, three array passes per node.
-
-    The weights are subtracted per group of ``NODE_GROUP`` nodes: the accumulator then
-    stays of the size of ``log G`` and rounding does not grow with ``s_hi``.
+    ``num_u is None`` means a numerator of 1; ``offset is None`` means no offset. Small
+    grids are vectorised over blocks of nodes (amortising numpy's per-call cost); large
+    ones loop over nodes inside cache-sized row chunks. Offsets are subtracted per group
+    of ``NODE_GROUP`` nodes, so the accumulator stays of the size of ``log G``.
     """
-    n_u, n_v = p_k.shape[1], q_k.shape[1]
-    acc = np.empty((n_u, n_v), dtype=np.complex128)
+    n_k, n_u, n_v = den_u.shape[0], den_u.shape[1], den_v.shape[1]
+    acc = np.zeros((n_u, n_v), dtype=np.complex128)
+    if n_k == 0:
+        return acc
+    if n_u * n_v <= BLOCK_ELEMENTS:
+        step = max(1, BLOCK_ELEMENTS // (n_u * n_v))
+        for start in range(0, n_k, step):
+            sl = slice(start, start + step)
+            t = den_u[sl, :, None] + den_v[sl, None, :]
+            if num_u is None:
+                np.reciprocal(t, out=t)
+            else:
+                np.divide(num_u[sl, :, None] + num_v[sl, None, :], t, out=t)
+            if offset is not None:
+                t -= offset[sl, None, None]
+            acc += t.sum(axis=0)
+        return acc
     rows = max(1, CHUNK_ELEMENTS // n_v)
     t = np.empty((rows, n_v), dtype=np.complex128)
-    group_w = np.add.reduceat(weights, np.arange(0, weights.size, NODE_GROUP))
+    t2 = np.empty((rows, n_v), dtype=np.complex128)
+    group = None if offset is None else np.add.reduceat(offset, np.arange(0, n_k, NODE_GROUP))
     for r0 in range(0, n_u, rows):
         r1 = min(r0 + rows, n_u)
-        out = acc[r0:r1]
-        out[...] = 0.0
-        tt = t[: r1 - r0]
-        for k in range(weights.size):
-            np.add(p_k[k, r0:r1, None], q_k[k, None, :], out=tt)
-            np.reciprocal(tt, out=tt)
+        out, tt, tn = acc[r0:r1], t[: r1 - r0], t2[: r1 - r0]
+        for k in range(n_k):
+            np.add(den_u[k, r0:r1, None], den_v[k, None, :], out=tt)
+            if num_u is None:
+                np.reciprocal(tt, out=tt)
+            else:
+                np.add(num_u[k, r0:r1, None], num_v[k, None, :], out=tn)
+                np.divide(tn, tt, out=tt)
             out += tt
-            if k % NODE_GROUP == NODE_GROUP - 1 or k == weights.size - 1:
-                out -= group_w[k // NODE_GROUP]
+            if group is not None and (k % NODE_GROUP == NODE_GROUP - 1 or k == n_k - 1):
+                out -= group[k // NODE_GROUP]
     return acc
 
 
