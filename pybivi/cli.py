@@ -298,6 +298,8 @@ def _add_fit_options(p: argparse.ArgumentParser, epochs: int) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=128, help="minibatch size")
     p.add_argument("--embedding", choices=("umap", "pca"), default="umap",
                    help="2-D embedding of the figures (umap as the paper; pca is instant)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: torch's choice, one per core)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
 
@@ -359,13 +361,40 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--quiet", action="store_true")
     sim.set_defaults(func=_cmd_simulate)
+
+    appr = sub.add_parser(
+        "approximator", help="the neural approximation of the bursty P(mature | nascent)",
+        description="Manage the bursty conditional approximator shipped in pybivi/cme/weights.",
+    )
+    actions = appr.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    # Options belong to pybivi.cme.training.main, which parses them (and prints --help).
+    train = actions.add_parser(
+        "train", add_help=False,
+        help="regenerate the weights from exact CME solutions (options: train --help)",
+    )
+    train.set_defaults(func=_cmd_approximator_train)
     return parser
+
+
+def _cmd_approximator_train(args: argparse.Namespace) -> int:
+    from pybivi.cme import training
+
+    return int(training.main(args.extra) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pybivi`` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "func", None) is _cmd_approximator_train:
+        args.extra = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError) as err:

@@ -173,3 +173,15 @@ def test_kinetic_recovery_bookkeeping_on_exact_estimates(tmp_path):
     assert summary["b"]["pearson"] == pytest.approx(1.0)
     assert summary["gamma"]["sign_agreement"] == 1.0
     assert (tmp_path / "kinetic_recovery.png").exists()
+
+
+def test_approximator_train_help_is_delegated(capsys):
+    pytest.importorskip("pybivi.cme.training")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["approximator", "train", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: pybivi approximator train" in out and "--epochs" in out
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--bogus"])
+    assert exc.value.code == 2
