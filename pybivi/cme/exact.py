@@ -149,8 +149,8 @@ def suggest_grid(scheme: str, tail: float = TAIL, **params: float) -> tuple[int,
 
     Cheap (no PMF is computed). Exact for the nascent species of every scheme and for
     both species of the constitutive and extrinsic schemes; for the bursty mature
-    species it is a moment-matched estimate (the default crop of :func:`exact_pmf`
-    is the exact quantile, usually smaller, by at most a few percent larger).
+    species it is a moment-matched estimate, usually a little above the exact
+    quantile that :func:`exact_pmf` crops at (rarely a few percent below it).
 
     Parameters
     ----------
