@@ -163,6 +163,7 @@ def run_pipeline(
             kinetic = kinetic_estimates(model)
     table = pd.DataFrame(rows)
     purity_table = pd.DataFrame(purity_rows)
+    _log("writing the report", quiet)
     if kinetic is not None:
         for k, v in kinetic.items():
             adata.layers[f"ContrastiveBiVI_{k}"] = v
@@ -220,6 +221,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         n_cells=args.cells, n_genes=args.genes, n_programs=args.programs, seed=args.data_seed,
         progress_bar=not quiet,
     )
+    _log("preparing (appendix B: doublets, program filter, highly variable genes)", quiet)
     adata = pp.prepare(
         raw, perturbation_key="perturbation", control_labels="NT", program_key="program",
         score_cell_cycle=False, n_top_genes=args.n_top_genes,
@@ -248,9 +250,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from pybivi import datasets, pp
 
     quiet = args.quiet
+    _log(f"reading {args.data}", quiet)
     adata = datasets.read(args.data)
     if args.program_key is not None and args.program_key not in adata.obs:
         raise KeyError(f"--program-key {args.program_key!r} is not a column of the data's obs")
+    _log("preparing (appendix B: filters, cell-cycle phase, highly variable genes)", quiet)
     prepared = pp.prepare(
         adata, perturbation_key=args.perturbation_key, control_labels=args.control,
         program_key=args.program_key, drop_labels=args.drop_label or (),

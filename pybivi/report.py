@@ -69,7 +69,7 @@ def table_html(table: pd.DataFrame, float_format: str = "{:.3f}", index: bool = 
 
     def fmt(v: Any) -> str:
         if isinstance(v, float):
-            return float_format.format(v)
+            return "&ndash;" if np.isnan(v) else float_format.format(v)
         return html.escape(str(v))
 
     head = ([html.escape(str(table.index.name or ""))] if index else []) + [
@@ -317,9 +317,12 @@ def add_figure2(
     figs = []
     if panels:
         fig = plotting.embedding_grid(panels, ncols=max(1, len(colour_by)))
+        rows = "; ".join(
+            f"row {i + 1}: {display.get(n, n)}" for i, n in enumerate(shown)
+        )
         figs.append((fig, "figure2_embeddings.png",
-                     f"Figure 2a-d: {embedding.upper()} of perturbed cells: biVI's latent space "
-                     "(top) and ContrastiveBiVI's salient space (bottom), coloured by "
+                     f"Figure 2a-d: {embedding.upper()} of the perturbed cells' representations "
+                     f"({rows}; salient space for contrastive models), coloured by "
                      + " and by ".join(colour_by) + "."))
     report.add_section("Figure 2a-d: latent spaces", figures=figs, key="figure2_embeddings")
 
@@ -362,12 +365,13 @@ def _compensatory_section(report, adata, purity, coords, obs, program_key, model
         text += table_html(shown.rename(index=labels))
         pair = [m for m in ("ContrastiveVI", "ContrastiveBiVI") if m in coords]
         if pair:
+            names = " and ".join(labels[m] for m in pair)
             progs = obs[program_key].astype(str).to_numpy()
             panels = [(coords[m], progs, f"{labels[m]} salient") for m in pair]
             figs.append((plotting.embedding_grid(panels, ncols=len(panels), highlight=comp),
                          "compensatory_embeddings.png",
-                         "Compensatory programs highlighted (others grey) in the salient "
-                         "spaces of ContrastiveVI (mature only) and ContrastiveBiVI."))
+                         f"Compensatory programs highlighted (others grey) in the salient "
+                         f"spaces of {names}."))
     report.add_section("Kinetic-only (compensatory) programs", text, figs, key="compensatory")
 
 
