@@ -11,7 +11,9 @@ moments on the default crop (covariance on the correlation scale; the truncation
 on a shared machine wall time includes waiting for a core. Then the throughput of
 :func:`pybivi.cme.exact_pmf_many` on a log-uniform random design over the whole domain
 (log10 b in [-3, 3], log10 beta in [-2, 2], log10 gamma in [-3, 2]) with the state
-space capped per species, as an approximator's training-data generator would use it.
+space capped per species, as an approximator's training-data generator would use it,
+and the worst generating-function error of the default quadrature rule against a rule
+with ~4x the nodes over random parameter sets of the whole domain.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from scipy import stats
 
 from pybivi.cme import analytic_moments, exact_pmf, exact_pmf_many, suggest_grid
-from pybivi.cme.quadrature import quadrature_rule
+from pybivi.cme.quadrature import log_gf, quadrature_rule, unit_circle_minus_one
 
 POINTS = [
     (1e-3, 1e-2, 1e-3),
@@ -90,10 +92,60 @@ def throughput(n_sets: int, cap: int, seed: int = 0) -> None:
         f"{elapsed / max(1, len(done)):.3f} s per computed PMF "
         f"(median grid {int(np.median(sizes))} states, max {max(sizes)})"
     )
+    errs = [
+        _errors(p, s["b"], s["beta"], s["gamma"])
+        for s, p in zip(sets, out, strict=True)
+        if p is not None
+    ]
+    print(
+        f"over the computed sets: max 1-mass {max(e[0] for e in errs):.1e}, "
+        f"max NB marginal err {max(e[1] for e in errs):.1e}"
+    )
     skipped = [s for s, p in zip(sets, out, strict=True) if p is None]
     if skipped:
         worst = max(skipped, key=lambda s: max(suggest_grid("bursty", **s)))
         print(f"largest skipped suggest_grid: {suggest_grid('bursty', **worst)}")
+
+
+def rule_accuracy(n_points: int, seed: int = 1) -> None:
+    """Worst ``|G - G_ref|`` of the default rule against a ~4x refined one, whole domain."""
+    rng = np.random.default_rng(seed)
+    u = unit_circle_minus_one(4096)[rng.integers(0, 4096, 48)]
+    v = np.concatenate([u, np.conj(u)])  # both signs of Im v: the near-pole case
+    worst, where, nodes = 0.0, None, []
+    for logs in rng.uniform([-3, -2, -3], [3, 2, 2], size=(n_points, 3)):
+        b, beta, gamma = 10.0**logs
+        val = np.exp(log_gf(u, v, b, beta, gamma))
+        fine = quadrature_rule(b, beta, gamma, step=0.3, panel_nodes=24, head_nodes=30)
+        ref = np.exp(log_gf(u, v, b, beta, gamma, *fine))
+        err = float(np.abs(val - ref).max())
+        nodes.append(quadrature_rule(b, beta, gamma)[0].size)
+        if err > worst:
+            worst, where = err, (b, beta, gamma)
+    print(
+        f"\nrule vs ~4x refined rule, {n_points} random sets x {u.size * v.size} torus points: "
+        f"max |dG| {worst:.1e} at b={where[0]:.3g}, beta={where[1]:.3g}, gamma={where[2]:.3g}; "
+        f"nodes median {int(np.median(nodes))}, max {max(nodes)}"
+    )
+
+
+def compare_training_data(points: list[tuple[float, float, float]]) -> None:
+    """Agreement and speed against the approximator's own solver, on its grids."""
+    from pybivi.cme.training_data import bursty_joint, grid_size
+
+    print("\nvs pybivi.cme.training_data.bursty_joint (its FFT grid, ours cropped to it):")
+    for b, beta, gamma in points:
+        shape = grid_size(b, beta, gamma)
+        t0 = time.perf_counter()
+        theirs = bursty_joint(b, beta, gamma)
+        t1 = time.perf_counter()
+        kw = {"b": b, "beta": beta, "gamma": gamma}
+        ours = exact_pmf("bursty", n_max=shape[0] - 1, m_max=shape[1] - 1, **kw)
+        t2 = time.perf_counter()
+        print(
+            f"  b={b:g} beta={beta:g} gamma={gamma:g} grid {shape}: max |diff| "
+            f"{np.abs(theirs - ours).max():.1e}, wall s theirs {t1 - t0:.2f} ours {t2 - t1:.2f}"
+        )
 
 
 def main() -> None:
@@ -103,11 +155,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (numpy unaffected)")
     parser.add_argument("--sets", type=int, default=60, help="random sets for exact_pmf_many")
     parser.add_argument("--cap", type=int, default=1000, help="max states per species")
+    parser.add_argument("--rule-points", type=int, default=40, help="sets for the rule check")
+    parser.add_argument(
+        "--compare-training-data", action="store_true", help="also time the approximator's solver"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     points = [p for p in POINTS if not (args.quick and p[0] >= 100)]
     table(points, args.repeat)
     throughput(args.sets, args.cap)
+    rule_accuracy(args.rule_points)
+    if args.compare_training_data:
+        compare_training_data([(30.0, 2.0, 1.0), (60.0, 20.0, 10.0), (50.0, 1.0, 0.3)])
 
 
 if __name__ == "__main__":
