@@ -9,6 +9,7 @@ runs the same pipeline on a user's ``.h5ad``/``.loom`` file.
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import sys
 import time
@@ -124,8 +125,14 @@ def run_pipeline(
     quiet: bool = False,
     title: str = "pybivi report",
     intro: str = "",
+    differential: bool = True,
+    predictive_check: bool = False,
 ) -> dict[str, Any]:
     """Fit every model for every seed, evaluate, and write the report folder.
+
+    With ``differential``, the seed-0 models also give the paper's figure 3 (Bayes-factor
+    tests of ``b`` and ``gamma/k`` against mean expression, :func:`pybivi.de.figure3`);
+    with ``predictive_check``, a posterior-predictive section (:func:`pybivi.ppc.section`).
 
     Writes ``out/index.html`` with figures beside it, ``out/metrics.json``,
     ``out/models/<Model>_seed<k>/`` and ``out/adata.h5ad`` (representations in
@@ -133,56 +140,25 @@ def run_pipeline(
     posterior-mean kinetic parameters at the reference library in layers
     ``ContrastiveBiVI_<param>``). Returns the metrics dictionary.
     """
-    from tqdm.auto import tqdm
-
     from pybivi import report as rep_mod
 
     out.mkdir(parents=True, exist_ok=True)
     is_ctrl = adata.obs[perturbation_key].astype(str).isin(controls).to_numpy()
     perturbed = ~is_ctrl
-    rows, purity_rows, kinetic, timings = [], [], None, {}
-    jobs = [(s, m) for s in range(seeds) for m in models]
-    bar = tqdm(jobs, desc="models", unit="fit", disable=quiet)
-    for seed, name in bar:
-        bar.set_postfix_str(f"{name} seed {seed}")
-        t0 = time.perf_counter()
-        model = _fit_one(name, adata, perturbation_key, controls, seed, epochs, batch_size, quiet)
-        timings[f"{name}_seed{seed}"] = round(time.perf_counter() - t0, 1)
-        rep = model.get_latent_representation()
-        adata.obsm[f"X_{name}_seed{seed}"] = rep
-        if seed == 0:
-            adata.obsm[f"X_{name}"] = rep
-        scores, purity = _evaluate(rep, adata.obs, perturbed, program_key, phase_key)
-        rows.append({"model": name, "seed": seed, **scores})
-        if purity is not None:
-            purity_rows += [
-                {"model": name, "seed": seed, "program": p, "purity": v} for p, v in purity.items()
-            ]
-        model.save(out / "models" / f"{name}_seed{seed}", overwrite=True)
-        if name == "ContrastiveBiVI" and seed == 0:
-            kinetic = kinetic_estimates(model)
-    table = pd.DataFrame(rows)
-    purity_table = pd.DataFrame(purity_rows)
+    fits = _fit_all(
+        adata, out, perturbation_key=perturbation_key, controls=controls,
+        program_key=program_key, phase_key=phase_key, models=models, seeds=seeds,
+        epochs=epochs, batch_size=batch_size, quiet=quiet,
+    )
+    table, purity_table, first = fits["table"], fits["purity"], fits["first"]
     _log("writing the report", quiet)
-    if kinetic is not None:
+    kinetic = None
+    if "ContrastiveBiVI" in first:
+        kinetic = kinetic_estimates(first["ContrastiveBiVI"])
         for k, v in kinetic.items():
             adata.layers[f"ContrastiveBiVI_{k}"] = v
-    summary = {
-        "models": list(models), "seeds": seeds, "epochs": epochs, "n_cells": int(adata.n_obs),
-        "n_genes": int(adata.n_vars), "n_perturbed": int(perturbed.sum()),
-        "per_seed": rows, "fit_seconds": timings,
-    }
-    metric_cols = [c for c in ("ari", "mixing_entropy") if c in table]
-    if metric_cols:
-        agg = table.groupby("model")[metric_cols].agg(["mean", "std"])
-        summary["summary"] = {
-            m: {f"{c}_{s}": float(agg.loc[m, (c, s)]) for c in metric_cols for s in ("mean", "std")}
-            for m in agg.index
-        }
-    if len(purity_table):
-        summary["program_purity"] = (
-            purity_table.groupby(["model", "program"])["purity"].mean().unstack().to_dict("index")
-        )
+    summary = _summary(table, purity_table, models, seeds, epochs, adata, perturbed)
+    summary["fit_seconds"] = fits["seconds"]
     report = rep_mod.Report(out, title=title)
     rep_mod.add_figure2(
         report, adata, table, purity_table, models=models, program_key=program_key,
@@ -193,11 +169,132 @@ def run_pipeline(
         summary["kinetic_recovery"] = rep_mod.add_kinetic_recovery(
             report, adata, program_key, is_ctrl
         )
+    groupby = program_key if program_key is not None else perturbation_key
+    if differential and "ContrastiveBiVI" in first:
+        _log("figure 3: Bayes-factor tests of kinetic parameters and mean expression", quiet)
+        summary["figure3"] = _optional_section(
+            report, "Figure 3: kinetic vs mean-expression differential tests", "figure3",
+            lambda: _figure3(first, groupby, adata),
+        )
+    if predictive_check and first:
+        name = "ContrastiveBiVI" if "ContrastiveBiVI" in first else next(iter(first))
+        _log(f"posterior-predictive check of {name}", quiet)
+        summary["ppc"] = _optional_section(
+            report, f"Posterior-predictive check ({DISPLAY.get(name, name)})", "ppc",
+            lambda: _predictive(first[name], adata.n_obs),
+        )
     (out / "metrics.json").write_text(json.dumps(_finite(summary), indent=1, default=float))
     report.write()
     _log(f"writing {out / 'adata.h5ad'}", quiet)
     adata.write_h5ad(out / "adata.h5ad")
     return summary
+
+
+def _fit_all(
+    adata: Any, out: Path, *, perturbation_key: str, controls: list[str],
+    program_key: str | None, phase_key: str | None, models: Sequence[str], seeds: int,
+    epochs: int, batch_size: int, quiet: bool,
+) -> dict[str, Any]:
+    """Fit each model for each seed, store representations, evaluate, save the models."""
+    from tqdm.auto import tqdm
+
+    perturbed = ~adata.obs[perturbation_key].astype(str).isin(controls).to_numpy()
+    rows, purity_rows, seconds, first = [], [], {}, {}
+    bar = tqdm([(s, m) for s in range(seeds) for m in models], desc="models", unit="fit",
+               disable=quiet)
+    for seed, name in bar:
+        bar.set_postfix_str(f"{name} seed {seed}")
+        t0 = time.perf_counter()
+        model = _fit_one(name, adata, perturbation_key, controls, seed, epochs, batch_size, quiet)
+        seconds[f"{name}_seed{seed}"] = round(time.perf_counter() - t0, 1)
+        rep = model.get_latent_representation()
+        adata.obsm[f"X_{name}_seed{seed}"] = rep
+        if seed == 0:
+            adata.obsm[f"X_{name}"] = rep
+            first[name] = model
+        scores, purity = _evaluate(rep, adata.obs, perturbed, program_key, phase_key)
+        rows.append({"model": name, "seed": seed, **scores})
+        if purity is not None:
+            purity_rows += [
+                {"model": name, "seed": seed, "program": p, "purity": v} for p, v in purity.items()
+            ]
+        model.save(out / "models" / f"{name}_seed{seed}", overwrite=True)
+    return {"table": pd.DataFrame(rows), "purity": pd.DataFrame(purity_rows),
+            "seconds": seconds, "first": first}
+
+
+def _summary(
+    table: pd.DataFrame, purity: pd.DataFrame, models: Sequence[str], seeds: int, epochs: int,
+    adata: Any, perturbed: np.ndarray,
+) -> dict[str, Any]:
+    """What metrics.json holds: settings, per-seed metrics, their mean and spread."""
+    summary: dict[str, Any] = {
+        "models": list(models), "seeds": seeds, "epochs": epochs, "n_cells": int(adata.n_obs),
+        "n_genes": int(adata.n_vars), "n_perturbed": int(perturbed.sum()),
+        "per_seed": table.to_dict("records"),
+    }
+    metric_cols = [c for c in ("ari", "mixing_entropy") if c in table]
+    if metric_cols:
+        agg = table.groupby("model")[metric_cols].agg(["mean", "std"])
+        summary["summary"] = {
+            m: {f"{c}_{s}": float(agg.loc[m, (c, s)]) for c in metric_cols for s in ("mean", "std")}
+            for m in agg.index
+        }
+    if len(purity):
+        summary["program_purity"] = (
+            purity.groupby(["model", "program"])["purity"].mean().unstack().to_dict("index")
+        )
+    return summary
+
+
+def _figure3(models: dict[str, Any], groupby: str, adata: Any) -> dict[str, Any]:
+    from pybivi import de
+
+    truth = adata if "simulation" in adata.uns else None
+    return de.figure3(
+        models["ContrastiveBiVI"], scvi=models.get("SCVI"),
+        contrastive_vi=models.get("ContrastiveVI"), groupby=groupby, reference="control",
+        truth=truth,
+    )
+
+
+def _predictive(model: Any, n_cells: int, max_cells: int = 500) -> dict[str, Any]:
+    from pybivi import ppc
+
+    # Replicates cost exact CME draws per cell and gene: check a random subset of cells.
+    rng = np.random.default_rng(0)
+    idx = np.sort(rng.choice(n_cells, size=min(n_cells, max_cells), replace=False))
+    return ppc.section(ppc.ppc(model, n_replicates=10, indices=idx))
+
+
+def _optional_section(report: Any, title: str, key: str, build: Any) -> dict[str, Any]:
+    """Add a section from a builder returning ``figures``/``text`` (and tables).
+
+    A failure here must not lose the fitted models and figure 2, so it is reported in
+    the section (and returned for metrics.json) instead of raised.
+    """
+    from pybivi.report import table_html
+
+    try:
+        result = build()
+    except Exception as err:  # noqa: BLE001
+        message = f"{type(err).__name__}: {err}"
+        report.add_section(title, f"<p>This section could not be computed: "
+                           f"<code>{html.escape(message)}</code></p>", key=key)
+        return {"error": message}
+    body = f"<pre>{html.escape(str(result.get('text', '')))}</pre>"
+    digest: dict[str, Any] = {}
+    for name in ("counts", "truth", "summary", "compensatory"):
+        table = result.get(name)
+        if isinstance(table, pd.DataFrame) and len(table):
+            body += f"<h3>{html.escape(name)}</h3>" + table_html(table)
+            digest[name] = json.loads(table.to_json(orient="index"))
+    figures = [
+        (fig, f"{key}_{name}.png", name.replace("_", " "))
+        for name, fig in (result.get("figures") or {}).items()
+    ]
+    report.add_section(title, body, figures, key=key)
+    return digest
 
 
 def _finite(obj: Any) -> Any:
@@ -240,7 +337,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         adata, Path(args.out), perturbation_key="perturbation", controls=["NT"],
         program_key="program", phase_key="phase", models=args.models, seeds=args.seeds,
         epochs=args.epochs, batch_size=args.batch_size, embedding=args.embedding, quiet=quiet,
-        title="pybivi demo: figure 2 on a simulated screen", intro=intro,
+        title="pybivi demo: figures 2 and 3 on a simulated screen", intro=intro,
+        differential=not args.no_de, predictive_check=args.ppc,
     )
     _print_summary(summary, Path(args.out))
     return 0
@@ -267,6 +365,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         controls=list(args.control), program_key=args.program_key, phase_key=phase_key,
         models=args.models, seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size,
         embedding=args.embedding, quiet=quiet, title=f"pybivi fit: {Path(args.data).name}",
+        differential=not args.no_de, predictive_check=args.ppc,
     )
     _print_summary(summary, Path(args.out))
     return 0
@@ -302,6 +401,10 @@ def _add_fit_options(p: argparse.ArgumentParser, epochs: int) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=128, help="minibatch size")
     p.add_argument("--embedding", choices=("umap", "pca"), default="umap",
                    help="2-D embedding of the figures (umap as the paper; pca is instant)")
+    p.add_argument("--no-de", action="store_true",
+                   help="skip figure 3 (Bayes-factor tests of b, gamma/k and mean expression)")
+    p.add_argument("--ppc", action="store_true",
+                   help="add a posterior-predictive check of ContrastiveBiVI (500 cells)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: torch's choice, one per core)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
