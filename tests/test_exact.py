@@ -8,7 +8,7 @@ import torch
 from montecarlo import chi_square_gof, sample_bursty, sample_extrinsic
 from numpy.polynomial.legendre import leggauss
 from scipy import fft as sp_fft
-from scipy import stats
+from scipy import integrate, stats
 
 from pybivi.cme import analytic_moments, exact_pmf, exact_pmf_many, suggest_grid
 from pybivi.cme import quadrature as quad
@@ -120,6 +120,37 @@ def test_quadrature_matches_refined_rule_and_nb_closed_form():
         # v = 0: G(x, 1) is the NB generating function (1 - b u)^(-1/beta).
         nb = np.exp(-np.log1p(-b * u) / beta)
         assert np.abs(val[:, 0] - nb).max() < 1e-11, (b, beta, gamma)
+
+
+def test_pole_subtraction_is_needed_at_large_burst_size():
+    """Without it the Lorentzian of opposite-sign Im u, Im v is missed (here ~3e-7)."""
+    b, beta, gamma = 685.0, 36.3, 12.9
+    theta = np.array([1e-3, 0.03, 0.5, 2.0])
+    u = -2.0 * np.sin(theta / 2) ** 2 - 1j * np.sin(theta)
+    v = np.concatenate([u, np.conj(u)])
+    ref = np.exp(quad.log_gf(u, v, b, beta, gamma, *_refined_rule(b, beta, gamma)))
+    with_poles = np.exp(quad.log_gf(u, v, b, beta, gamma))
+    without = np.exp(quad.log_gf(u, v, b, beta, gamma, subtract_poles=False))
+    assert np.abs(with_poles - ref).max() < 1e-12
+    assert np.abs(without - ref).max() > 1e-8
+    # Independent of the rule and of the subtraction: scipy's adaptive quadrature on
+    # 300 geometric pieces of [0, s_hi], at the near-pole pair (Im u < 0 < Im v).
+    s_hi = quad.upper_limit(b, beta, gamma)
+    cuts = np.concatenate([[0.0], np.geomspace(1e-7, s_hi, 300)])
+    i, j = 1, 5  # theta_u = 0.03, theta_v = -0.03: the no-subtraction error is 3e-7 here
+
+    def integrand(s: float, part: int) -> float:
+        big_u = b * (u[i] * np.exp(-beta * s) + v[j] * quad.mature_fraction(s, beta, gamma))
+        ratio = big_u / (1.0 - big_u)
+        return float(ratio.real if part == 0 else ratio.imag)
+
+    pieces = zip(cuts[:-1], cuts[1:], strict=True)
+    total = sum(
+        integrate.quad(integrand, lo, hi, args=(k,), epsabs=1e-17, epsrel=1e-13)[0] * (1j**k)
+        for lo, hi in pieces
+        for k in (0, 1)
+    )
+    assert abs(quad.log_gf(u[i : i + 1], v[j : j + 1], b, beta, gamma)[0, 0] - total) < 1e-12
 
 
 def _fixed_rule_pmf(b: float, beta: float, gamma: float, shape: tuple[int, int]) -> np.ndarray:
