@@ -21,6 +21,9 @@ compensatory genes the kinetic test calls while the mean tests miss them (no scv
 needed)::
 
     .venv/bin/python benchmarks/de_vs_scvi.py --truth --epochs 100
+
+Until pybivi ships its own approximator, ``--bivi-weights ../shared/reference/
+bivi-approximator-weights.zip`` runs the bursty likelihood on biVI's network instead.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bivi-weights", default=None, help="bursty backend: biVI's network")
     args = parser.parse_args(argv)
     if args.truth:
         args.cells, args.genes = args.cells or 3000, args.genes or 800
@@ -148,11 +152,19 @@ def ground_truth(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(2)
     adata = datasets.simulate_perturbseq(n_cells=args.cells, n_genes=args.genes, seed=args.seed)
+    scheme = "bursty"
+    if args.bivi_weights:
+        from pybivi.cme.bivi import load_bivi_approximator
+        from pybivi.schemes import BurstyScheme
+
+        scheme = BurstyScheme(backend=load_bivi_approximator(args.bivi_weights))
+        print(f"bursty backend: biVI's network from {args.bivi_weights}")
     models = {}
     for cls in (ContrastiveBiVI, SCVI, ContrastiveVI):
         a = adata.copy()
         cls.setup_anndata(a, perturbation_key="perturbation", control_labels="NT")
-        models[cls.__name__] = model = cls(a, seed=args.seed)
+        kw = {"scheme": scheme} if cls is ContrastiveBiVI else {}
+        models[cls.__name__] = model = cls(a, seed=args.seed, **kw)
         t0 = time.perf_counter()
         model.train(max_epochs=args.epochs, progress_bar=False, seed=args.seed)
         print(f"{cls.__name__}: {args.epochs} epochs in {time.perf_counter() - t0:.1f} s")
