@@ -296,6 +296,7 @@ def test_exact_pmf_many_matches_single_calls_and_skips_large():
         ("extrinsic", {"alpha": np.inf, "beta": 1.0, "gamma": 1.0}, "'alpha' must be positive"),
         ("bursty", {"b": True, "beta": 1.0, "gamma": 1.0}, "real scalar"),
         ("bursty", {"b": [1.0], "beta": 1.0, "gamma": 1.0}, "real scalar"),
+        ("bursty", {"b": "2", "beta": 1.0, "gamma": 1.0}, "real scalar"),
     ],
 )
 def test_bad_input_raises_value_error(scheme, params, match):

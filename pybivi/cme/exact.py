@@ -60,9 +60,13 @@ def _check_params(scheme: str, params: Mapping[str, object]) -> dict[str, float]
     out = {}
     for name in names:
         value = params[name]
-        if isinstance(value, bool) or not np.isscalar(value) or not np.isreal(value):
+        # Python/numpy scalars and 0-d arrays or tensors; not bools, sequences or complex.
+        if isinstance(value, (bool, np.bool_)) or np.ndim(value) != 0 or np.iscomplexobj(value):
             raise ValueError(f"parameter {name!r} must be a real scalar, got {value!r}")
-        value = float(value)  # type: ignore[arg-type]
+        try:
+            value = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"parameter {name!r} must be a real scalar, got {value!r}") from err
         if not math.isfinite(value) or value <= 0.0:
             raise ValueError(f"parameter {name!r} must be positive and finite, got {value!r}")
         out[name] = value
