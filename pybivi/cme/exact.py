@@ -61,7 +61,9 @@ def _check_params(scheme: str, params: Mapping[str, object]) -> dict[str, float]
     for name in names:
         value = params[name]
         # Python/numpy scalars and 0-d arrays or tensors; not bools, sequences or complex.
-        if isinstance(value, (bool, np.bool_)) or np.ndim(value) != 0 or np.iscomplexobj(value):
+        if isinstance(value, (bool, np.bool_, str, bytes)) or np.ndim(value) != 0:
+            raise ValueError(f"parameter {name!r} must be a real scalar, got {value!r}")
+        if np.iscomplexobj(value):
             raise ValueError(f"parameter {name!r} must be a real scalar, got {value!r}")
         try:
             value = float(value)  # type: ignore[arg-type]
