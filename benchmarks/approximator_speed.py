@@ -1,0 +1,56 @@
+"""Speed of the bursty conditional: forward + backward for 256,000 (n, m) pairs on the CPU.
+
+Usage: ``python benchmarks/approximator_speed.py [--pairs 256000] [--repeats 7] [--threads 2]``.
+Prints the median and best time of pybivi's shipped approximator and of biVI's network
+(when ../shared/reference/bivi-approximator-weights.zip is present), measured in the same
+run on the same pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import numpy as np
+import torch
+from approximator_common import BIVI_WEIGHTS, realistic_pairs, time_forward_backward
+
+from pybivi.cme import load_bivi_approximator, load_default_approximator
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--pairs", type=int, default=256_000)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    pairs = realistic_pairs(a.pairs, seed=7)
+    print(
+        f"{a.pairs} pairs, torch threads {a.threads}; n: median {pairs['n'].median():.0f}, "
+        f"99% {pairs['n'].quantile(0.99):.0f}; m: median {pairs['m'].median():.0f}, "
+        f"99% {pairs['m'].quantile(0.99):.0f}"
+    )
+    models = {"pybivi": load_default_approximator()}
+    if BIVI_WEIGHTS.is_file():
+        models["biVI"] = load_bivi_approximator(BIVI_WEIGHTS)
+    rows = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, model in models.items():
+            time_forward_backward(model, pairs, 1)  # warm-up
+            reps = a.repeats if name == "pybivi" else max(2, a.repeats // 2)
+            t = time_forward_backward(model, pairs, reps)
+            rows[name] = (float(np.median(t)), float(np.min(t)))
+    print(f"{'backend':<10}{'median s':>10}{'best s':>10}")
+    for name, (med, best) in rows.items():
+        print(f"{name:<10}{med:>10.3f}{best:>10.3f}")
+    if "biVI" in rows:
+        print(
+            f"speed-up (median): {rows['biVI'][0] / rows['pybivi'][0]:.1f}x; "
+            f"target: pybivi <= 0.10 s and >= 10x faster"
+        )
+
+
+if __name__ == "__main__":
+    main()

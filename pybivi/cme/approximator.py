@@ -1,0 +1,364 @@
+"""The shipped neural approximation of the bursty conditional ``P(m | n)``.
+
+Representation
+--------------
+``Phat(m | n) = sum_j w_j NB(m; mean exp(L_j), shape r)``: ``K`` negative-binomial
+kernels that share one shape ``r`` per pair, so the expensive ``lgamma`` terms are
+computed once per pair, not once per kernel (SPEC section 5 measures the ten-kernel
+``lgamma`` work alone at about 0.06 s per 256,000 pairs). The kernel log-means sit at
+standard-normal nodes ``z_j`` of a *Poisson-lognormal* moment match of the mature
+count given ``n``:
+
+* the nascent rate given ``N = n`` is exactly ``Gamma(1/beta + n, scale b/(1+b))``
+  (``N`` is a Poisson-Gamma mixture), which gives the mean and variance of its log;
+* the rates' excess variances over Poisson (``Var - E``) give the lognormal variances
+  ``log(1 + beta)`` (nascent) and ``log(1 + beta gamma / (beta + gamma))`` (mature,
+  equal to the log-covariance), hence a Gaussian regression of the mature log-rate on
+  the nascent one.
+
+As ``b -> 0`` with fixed means (``beta, gamma -> 0``) the spread vanishes and the
+kernels collapse on ``Poisson(mu_M)``: the constitutive limit is in the family. A small
+MLP corrects the centre, the spread, the shared shape and the kernel weights. All of it
+is differentiable in ``(b, beta, gamma)``; the weights are frozen (``requires_grad`` off).
+
+Behaviour outside the domain
+----------------------------
+The domain is the training box of :data:`pybivi.cme.training_data.BOX` cut by the state
+cap (:func:`pybivi.cme.training_data.inside_state_cap`). For any finite positive input:
+
+* ``b < 10**-3``: the exact small-burst limit, ``M`` independent of ``N`` and
+  ``Poisson(b / gamma)`` (bursts become single molecules);
+* otherwise the MLP sees its inputs clamped to the domain (``log b, log beta, log gamma``
+  clamped to the box, ``n`` to ``STATE_CAP``) while the kernels keep the pair's own
+  moment-matched centre and spread, so means and scales stay right;
+* one :class:`UserWarning` per approximator object reports how many pairs fell outside
+  (box, or ``mean + 10 sd`` of either species beyond the state cap); ``outside_count``
+  keeps the running total. Results are always finite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from pybivi.cme.domain import BOX, STATE_CAP
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "bursty_conditional.pt"
+DEFAULT_METADATA = WEIGHTS_DIR / "bursty_conditional.json"
+
+B_SMALL = 1e-3  # below this burst size the exact small-b limit is used
+_LOG_R_MIN, _LOG_R_MAX = math.log(1e-2), math.log(1e6)
+_SIGMA_MAX = 4.0  # log-scale spread cap: beyond it the lognormal picture is meaningless
+
+
+def _box_tensor() -> tuple[Tensor, Tensor]:
+    ln10 = math.log(10.0)
+    lo = torch.tensor([BOX[k][0] * ln10 for k in ("log10_b", "log10_beta", "log10_gamma")])
+    hi = torch.tensor([BOX[k][1] * ln10 for k in ("log10_b", "log10_beta", "log10_gamma")])
+    return lo, hi
+
+
+def _digamma_trigamma(a: Tensor) -> tuple[Tensor, Tensor]:
+    """Cheap smooth ``digamma(a)`` and ``trigamma(a)`` (one recurrence step + asymptotics).
+
+    Accurate to about 1% at ``a -> 0`` and far better for ``a >= 1``; enough for the
+    moment match, which the MLP corrects anyway. ``torch.polygamma(1, .)`` would make
+    the backward pass call ``polygamma(2, .)``, about 100 times slower than a log.
+    """
+    x = a + 1.0
+    inv = 1.0 / x
+    inv2 = inv * inv
+    psi = torch.log(x) - 0.5 * inv - inv2 * (1.0 / 12.0 - inv2 / 120.0) - 1.0 / a
+    tri = inv + inv2 * (0.5 + inv * (1.0 / 6.0 - inv2 / 30.0)) + 1.0 / (a * a)
+    return psi, tri
+
+
+def moment_base(n: Tensor, b: Tensor, beta: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
+    """Centre and spread of the Poisson-lognormal match of the mature log-rate given ``N = n``.
+
+    Returns ``(c, sigma)`` such that ``log Lambda_M | n`` is about ``Normal(c, sigma^2)``.
+    """
+    s2n = torch.log1p(beta)
+    s2m = torch.log1p(beta * gamma / (beta + gamma))
+    kappa = s2m / s2n  # regression slope of the mature on the nascent log-rate, in (0, 1)
+    shape0 = 1.0 / beta
+    psi_n, tri_n = _digamma_trigamma(shape0 + n)
+    psi_0, _ = _digamma_trigamma(shape0)
+    # E[log Lambda_N | n] - E[log Lambda_N] under the exact Gamma prior and posterior
+    shift = psi_n - psi_0 - torch.log1p(b)
+    c = torch.log(b / gamma) - 0.5 * s2m + kappa * shift
+    var = s2m * (1.0 - kappa) + kappa**2 * tri_n
+    sigma = torch.sqrt(var.clamp(min=1e-12)).clamp(max=_SIGMA_MAX)
+    return c, sigma
+
+
+def nodes(k: int) -> Tensor:
+    """Chebyshev-spaced standard-normal quantiles (biVI's kernel placement), float32."""
+    j = torch.arange(k, dtype=torch.float64)
+    q = 0.5 * (1.0 - torch.cos((2.0 * j + 1.0) / (2.0 * k) * math.pi))
+    return (math.sqrt(2.0) * torch.erfinv(2.0 * q - 1.0)).float()
+
+
+class ConditionalNet(nn.Module):
+    """MLP giving the kernel weights and corrections, plus the kernel evaluation.
+
+    Parameters
+    ----------
+    n_kernels
+        Number of NB kernels ``K``.
+    width, depth
+        Hidden width and number of hidden layers (SiLU activations: smooth, so the
+        gradients with respect to the kinetic parameters are smooth too).
+    """
+
+    n_features = 7
+
+    def __init__(self, n_kernels: int = 10, width: int = 32, depth: int = 2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        d = self.n_features
+        for _ in range(depth):
+            layers += [nn.Linear(d, width), nn.SiLU()]
+            d = width
+        layers.append(nn.Linear(d, n_kernels + 3))
+        self.mlp = nn.Sequential(*layers)
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+        z = nodes(n_kernels)
+        self.register_buffer("z", z)
+        self.register_buffer("dz", (z[1:] - z[:-1]).mean().reshape(()))
+        self.config = {"n_kernels": n_kernels, "width": width, "depth": depth}
+
+    def features(
+        self, n: Tensor, lb: Tensor, lbeta: Tensor, lgamma: Tensor, c: Tensor, sigma: Tensor
+    ) -> Tensor:
+        """MLP inputs (about unit scale) from log-parameters already clamped to the box."""
+        ln10 = math.log(10.0)
+        mu_m = lb - lgamma
+        return torch.stack(
+            [
+                lb / (3 * ln10),
+                lbeta / (2 * ln10),
+                (lgamma + 0.5 * ln10) / (2.5 * ln10),
+                torch.log1p(n) / 4.0 - 1.0,
+                (c - mu_m) / 2.0,
+                torch.log(sigma + 1e-3),
+                (mu_m - torch.log1p(n)) / 5.0,
+            ],
+            dim=-1,
+        )
+
+    def heads(self, feats: Tensor, c: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Kernel log-means ``(K, ...)``, log-weights ``(K, ...)`` and log shape ``(...)``.
+
+        The kernel axis comes first so that the per-kernel arithmetic and the reduction
+        over kernels run over contiguous pairs.
+        """
+        out = torch.movedim(self.mlp(feats), -1, 0)
+        k = self.z.numel()
+        logw = torch.log_softmax(out[:k], dim=0)
+        centre = c + out[k]
+        spread = sigma * torch.exp(out[k + 1].clamp(-6.0, 3.0))
+        z = self.z.reshape((k,) + (1,) * centre.dim())
+        log_means = centre + spread * z
+        log_r = -2.0 * torch.log(spread * self.dz + 1e-3) + out[k + 2]
+        return log_means, logw, log_r.clamp(_LOG_R_MIN, _LOG_R_MAX)
+
+
+def _omega(x: Tensor) -> Tensor:
+    """Stirling remainder ``lgamma(x) - (x - 1/2) log x + x - log(2 pi) / 2`` for ``x >= 8``."""
+    inv = 1.0 / x
+    inv2 = inv * inv
+    return inv * (1.0 / 12.0 - inv2 * (1.0 / 360.0 - inv2 / 1260.0))
+
+
+def log_rising_ratio(m: Tensor, log_r: Tensor) -> Tensor:
+    """``lgamma(m + r) - lgamma(r) - m log r``, accurate in float32 for every ``r``.
+
+    For ``r >= 8`` the Stirling form ``(m + r - 1/2) log1p(m / r) - m + omega(m + r) -
+    omega(r)`` has no cancellation of terms of size ``m log r``; below, lgamma is direct.
+    """
+    r = torch.exp(log_r)
+    big = r >= 8.0
+    rb = torch.where(big, r, torch.full_like(r, 8.0))
+    stirling = (m + rb - 0.5) * torch.log1p(m / rb) - m + _omega(m + rb) - _omega(rb)
+    rs = torch.where(big, torch.ones_like(r), r)
+    direct = torch.lgamma(m + rs) - torch.lgamma(rs) - m * torch.log(rs)
+    return torch.where(big, stirling, direct)
+
+
+def nb_mixture_log_prob(m: Tensor, log_means: Tensor, logw: Tensor, log_r: Tensor) -> Tensor:
+    """``log sum_j w_j NB(m; exp(L_j), r)`` with one shape ``r`` per pair.
+
+    ``log_means`` and ``logw`` have the kernel axis FIRST, ``(K, ...)`` (reductions over a
+    leading axis vectorise over pairs). ``log NB = S(m, r) + m (L_j - t_j) - r t_j -
+    lgamma(m + 1)`` with ``t_j = log(1 + mu_j / r) = softplus(L_j - log r)`` and ``S``
+    from :func:`log_rising_ratio`: only ``S`` and ``lgamma(m + 1)`` need lgamma, once
+    per pair.
+    """
+    shared = log_rising_ratio(m, log_r) - torch.lgamma(m + 1.0)
+    t = nn.functional.softplus(log_means - log_r)
+    per = logw + m * (log_means - t) - torch.exp(log_r) * t
+    return shared + torch.logsumexp(per, dim=0)
+
+
+class BurstyConditional(nn.Module):
+    """Frozen approximation of the bursty ``log P(m | n)`` (see the module docstring).
+
+    Use :func:`load_default_approximator` rather than constructing it directly.
+    """
+
+    def __init__(self, net: ConditionalNet, metadata: dict | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.metadata = dict(metadata or {})
+        self.outside_count = 0
+        self._warned = False
+        lo, hi = _box_tensor()
+        self.register_buffer("box_lo", lo)
+        self.register_buffer("box_hi", hi)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def domain(self) -> dict:
+        """The domain the network was trained on, and the rules used outside it."""
+        return {
+            "box_log10": {k: list(v) for k, v in BOX.items()},
+            "state_cap": STATE_CAP,
+            "state_cap_rule": "1 - 1e-10 NB-matched quantile of each species below state_cap",
+            "small_b": B_SMALL,
+            "outside": "b < small_b: Poisson(b / gamma) independent of n; otherwise MLP inputs "
+            "clamped to the box and n <= state_cap, kernels at the pair's own moments",
+        }
+
+    def _outside(self, n: Tensor, b: Tensor, beta: Tensor, gamma: Tensor, logs: Tensor) -> Tensor:
+        out = ((logs < self.box_lo) | (logs > self.box_hi)).any(dim=-1)
+        for mean, var in (
+            (b / beta, b / beta * (1 + b)),
+            (b / gamma, b / gamma * (1 + b * beta / (beta + gamma))),
+        ):
+            out |= mean + 10.0 * torch.sqrt(var) > STATE_CAP
+        return out | (n > STATE_CAP)
+
+    def log_prob_mature_given_nascent(
+        self, nascent: Tensor, mature: Tensor, b: Tensor, beta: Tensor, gamma: Tensor
+    ) -> Tensor:
+        """``log Phat(m | n)`` for broadcastable tensors; differentiable in ``b, beta, gamma``.
+
+        Parameters
+        ----------
+        nascent, mature
+            Non-negative integer counts (any numeric dtype).
+        b, beta, gamma
+            Burst size and splicing/degradation rates in units of the burst frequency,
+            finite and positive.
+
+        Returns
+        -------
+        Tensor
+            Float log-probabilities of the broadcast shape, in the floating dtype of the
+            inputs (computed in float32 inside).
+        """
+        dtype = next(
+            (t.dtype for t in (b, beta, gamma) if torch.is_tensor(t) and t.is_floating_point()),
+            torch.get_default_dtype(),
+        )
+        ts = torch.broadcast_tensors(
+            *(torch.as_tensor(t) for t in (nascent, mature, b, beta, gamma))
+        )
+        n, m, b, beta, gamma = (t.to(torch.float32) for t in ts)
+        logs = torch.stack([torch.log(b), torch.log(beta), torch.log(gamma)], dim=-1)
+        with torch.no_grad():
+            outside = self._outside(n, b, beta, gamma, logs)
+            small = b < B_SMALL
+            n_out = int(outside.sum())
+        if n_out:
+            self.outside_count += n_out
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"{n_out} of {outside.numel()} (n, m) pairs fell outside the approximator's "
+                    f"domain ({int(small.sum())} with b < {B_SMALL}: small-burst Poisson limit; "
+                    "others: clamped network inputs). Further counts accumulate in "
+                    "`outside_count` without warnings.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        clamped = torch.maximum(torch.minimum(logs, self.box_hi), self.box_lo)
+        c, sigma = moment_base(n, b, beta, gamma)
+        feats = self.net.features(n.clamp(max=STATE_CAP), *clamped.unbind(-1), c, sigma)
+        log_means, logw, log_r = self.net.heads(feats, c, sigma)
+        out = nb_mixture_log_prob(m, log_means, logw, log_r)
+        if bool(small.any()):
+            mu = b / gamma
+            poisson = m * torch.log(mu) - mu - torch.lgamma(m + 1.0)
+            out = torch.where(small, poisson, out)
+        return out.to(dtype)
+
+    def forward(self, nascent, mature, b, beta, gamma):  # noqa: D102 - alias for nn.Module use
+        return self.log_prob_mature_given_nascent(nascent, mature, b, beta, gamma)
+
+
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_approximator(net: ConditionalNet, out_dir: Path, metadata: dict) -> Path:
+    """Write ``bursty_conditional.pt`` and its metadata JSON (with the checksum) to ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / DEFAULT_WEIGHTS.name
+    state = {k: v.detach().cpu().float() for k, v in net.state_dict().items()}
+    torch.save({"config": net.config, "state_dict": state}, path)
+    meta = dict(metadata)
+    meta["config"] = net.config
+    meta["sha256"] = sha256_of(path)
+    meta["weights_file"] = path.name
+    (out_dir / DEFAULT_METADATA.name).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return path
+
+
+def load_approximator(path: str | Path, verify: bool = True) -> BurstyConditional:
+    """Load an approximator written by :func:`save_approximator`.
+
+    Parameters
+    ----------
+    path
+        The ``.pt`` weights file; its metadata JSON must sit beside it.
+    verify
+        Check the file's SHA-256 against the metadata (raises ``ValueError`` on mismatch).
+    """
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    if not path.is_file() or not meta_path.is_file():
+        raise FileNotFoundError(f"approximator weights or metadata missing: {path}, {meta_path}")
+    meta = json.loads(meta_path.read_text())
+    if verify and sha256_of(path) != meta.get("sha256"):
+        raise ValueError(
+            f"checksum mismatch for {path}: the weights file does not match its metadata"
+        )
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    net = ConditionalNet(**blob["config"])
+    net.load_state_dict(blob["state_dict"])
+    net.eval()
+    return BurstyConditional(net, meta).eval()
+
+
+@lru_cache(maxsize=1)
+def load_default_approximator() -> BurstyConditional:
+    """The shipped approximator, loaded once per process and checksum-verified."""
+    return load_approximator(DEFAULT_WEIGHTS)

@@ -1,0 +1,349 @@
+"""Train the bursty conditional approximator from exact CME solutions, and score it.
+
+Entry points: :func:`train_approximator` (Python) and :func:`main` (``pybivi approximator
+train``). Training minimises ``sum_n P(n) KL(P(. | n) || Phat(. | n))`` averaged over
+parameter sets, which is exactly the joint ``KL(P || NB x Phat)`` that the accuracy
+targets measure (the nascent marginal is exact).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pybivi.cme.approximator import (
+    ConditionalNet,
+    load_approximator,
+    moment_base,
+    nb_mixture_log_prob,
+    save_approximator,
+)
+from pybivi.cme.domain import BOX, STATE_CAP
+from pybivi.cme.training_data import ConditionalSet, build_dataset, design
+
+LogProbFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
+]
+
+HELDOUT_SEED = 20_250_101  # never used for training designs (those use ``seed``)
+SCORE_ROWS = 128  # nascent strata per held-out design (see :func:`score`)
+
+
+def _pair_tensors(cs: ConditionalSet) -> dict[str, torch.Tensor]:
+    idx, m, p = cs.pairs()
+    par = cs.params[cs.cond_design]
+    return {
+        "pair_cond": torch.from_numpy(idx),
+        "m": torch.from_numpy(m.astype(np.float32)),
+        "p": torch.from_numpy(p),
+        "logp": torch.from_numpy(np.log(np.maximum(p, 1e-300))),
+        "n": torch.from_numpy(cs.cond_n.astype(np.float32)),
+        "b": torch.from_numpy(par[:, 0].astype(np.float32)),
+        "beta": torch.from_numpy(par[:, 1].astype(np.float32)),
+        "gamma": torch.from_numpy(par[:, 2].astype(np.float32)),
+        "w": torch.from_numpy(cs.cond_weight),
+    }
+
+
+def conditional_log_prob(net: ConditionalNet, n, b, beta, gamma, pair_cond, m) -> torch.Tensor:
+    """``log Phat(m | n)`` for pairs indexing per-conditional parameters (training layout)."""
+    c, sigma = moment_base(n, b, beta, gamma)
+    feats = net.features(n, torch.log(b), torch.log(beta), torch.log(gamma), c, sigma)
+    log_means, logw, log_r = net.heads(feats, c, sigma)
+    return nb_mixture_log_prob(m, log_means[:, pair_cond], logw[:, pair_cond], log_r[pair_cond])
+
+
+def score(log_prob: LogProbFn, cs: ConditionalSet, chunk: int = 1 << 18) -> dict[str, np.ndarray]:
+    """Joint KL(exact || approx) and Hellinger distance per parameter set.
+
+    Parameters
+    ----------
+    log_prob
+        ``f(n, m, b, beta, gamma) -> log Phat(m | n)`` on float64 tensors of pairs.
+    cs
+        Exact conditionals weighted by the nascent mass they stand for: every row
+        (``n_rows=None``, the exact joint sums) or equal-mass strata of rows (a
+        quadrature in ``n`` of the same sums, used to keep biVI's slow network affordable).
+
+    Returns
+    -------
+    dict
+        ``kl`` and ``hellinger`` (arrays over designs) and ``invalid`` (number of
+        non-finite approximate log-probabilities per design; they count as ``q = 0``).
+    """
+    idx, m, p = cs.pairs()
+    d = cs.cond_design[idx]
+    par = cs.params[d]
+    n = cs.cond_n[idx]
+    w = cs.cond_weight[idx]
+    logq = np.empty(len(p))
+    for s in range(0, len(p), chunk):
+        sl = slice(s, s + chunk)
+        args = [
+            torch.from_numpy(np.ascontiguousarray(x[sl], dtype=np.float64))
+            for x in (n, m, par[:, 0], par[:, 1], par[:, 2])
+        ]
+        with torch.no_grad():
+            logq[sl] = log_prob(*args).double().numpy()
+    bad = ~np.isfinite(logq) | (logq > 1e-6)
+    logq_safe = np.where(bad, -np.inf, np.minimum(logq, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl_terms = np.where(p > 0, w * p * (np.log(p) - logq_safe), 0.0)
+    bc_terms = w * np.sqrt(p * np.exp(logq_safe))
+    n_d = len(cs.params)
+    total = np.bincount(cs.cond_design, cs.cond_weight, minlength=n_d)  # about 1 per design
+    kl = np.bincount(d, kl_terms, minlength=n_d) / total
+    bc = np.bincount(d, bc_terms, minlength=n_d) / total
+    return {
+        "kl": kl,
+        "hellinger": np.sqrt(np.clip(1.0 - bc, 0.0, None)),
+        "invalid": np.bincount(d, bad.astype(float), minlength=n_d),
+    }
+
+
+def summarize(scores: dict[str, np.ndarray]) -> dict[str, float]:
+    """Median/99th percentile/max of the per-design KL and Hellinger."""
+    kl, h = scores["kl"], scores["hellinger"]
+    return {
+        "n_designs": len(kl),
+        "kl_median": float(np.median(kl)),
+        "kl_p99": float(np.quantile(kl, 0.99)),
+        "kl_max": float(np.max(kl)),
+        "hellinger_median": float(np.median(h)),
+        "hellinger_p99": float(np.quantile(h, 0.99)),
+        "hellinger_max": float(np.max(h)),
+        "designs_with_invalid": int((scores["invalid"] > 0).sum()),
+    }
+
+
+def fit(
+    net: ConditionalNet,
+    cs: ConditionalSet,
+    epochs: int,
+    lr: float = 3e-3,
+    pairs_per_batch: int = 1 << 15,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    time_limit: float | None = None,
+) -> list[float]:
+    """Adam on the weighted conditional KL; returns the mean loss of each epoch.
+
+    Conditionals are shuffled once and cut into contiguous batches of about
+    ``pairs_per_batch`` (n, m) pairs; the batch order is reshuffled every epoch. The
+    learning rate follows a cosine from ``lr`` to ``lr / 30``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    t = _pair_tensors(cs)
+    n_cond = len(t["n"])
+    perm = torch.randperm(n_cond, generator=gen)
+    # Reorder conditionals so that a batch is a contiguous range of pairs.
+    lens = torch.from_numpy(cs.cond_len)[perm]
+    starts = torch.from_numpy(cs.cond_start)[perm]
+    spans = zip(starts.tolist(), lens.tolist(), strict=True)
+    pair_order = torch.cat([torch.arange(s, s + n) for s, n in spans])
+    new_cond = torch.repeat_interleave(torch.arange(n_cond), lens)
+    m_all, logp_all, p_all = t["m"][pair_order], t["logp"][pair_order], t["p"][pair_order]
+    cond = {k: t[k][perm] for k in ("n", "b", "beta", "gamma", "w")}
+    cum = torch.cumsum(lens, 0)
+    bounds = [0]
+    while bounds[-1] < n_cond:
+        target = (cum[bounds[-1] - 1] if bounds[-1] else 0) + pairs_per_batch
+        bounds.append(max(bounds[-1] + 1, int(torch.searchsorted(cum, target)) + 1))
+    bounds[-1] = n_cond
+    batches = list(zip(bounds[:-1], bounds[1:], strict=True))
+    n_designs = len(cs.params)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    total_steps = epochs * len(batches)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (1 + 29 * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))) / 30,
+    )
+    history, t0 = [], time.time()
+    for epoch in range(epochs):
+        order = torch.randperm(len(batches), generator=gen).tolist()
+        total = 0.0
+        for bi in order:
+            c0, c1 = batches[bi]
+            p0 = int(cum[c0 - 1]) if c0 else 0
+            p1 = int(cum[c1 - 1])
+            pc = new_cond[p0:p1] - c0
+            logq = conditional_log_prob(
+                net,
+                cond["n"][c0:c1],
+                cond["b"][c0:c1],
+                cond["beta"][c0:c1],
+                cond["gamma"][c0:c1],
+                pc,
+                m_all[p0:p1],
+            )
+            wp = (cond["w"][c0:c1][pc] * p_all[p0:p1]).float()
+            loss = (wp * (logp_all[p0:p1].float() - logq)).sum() / n_designs
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach())
+        history.append(total)
+        log(f"epoch {epoch + 1}/{epochs}: mean joint KL {total:.3e} ({time.time() - t0:.0f} s)")
+        if time_limit is not None and time.time() - t0 > time_limit:
+            log("time limit reached; stopping")
+            break
+    return history
+
+
+def _net_log_prob(net: ConditionalNet) -> LogProbFn:
+    def f(n, m, b, beta, gamma):
+        idx = torch.arange(len(n))
+        return conditional_log_prob(
+            net, n.float(), b.float(), beta.float(), gamma.float(), idx, m.float()
+        )
+
+    return f
+
+
+def train_approximator(
+    out_dir: str | Path,
+    seed: int = 0,
+    n_designs: int = 1024,
+    n_heldout: int = 500,
+    epochs: int = 60,
+    n_rows: int = 24,
+    n_kernels: int = 10,
+    width: int = 32,
+    depth: int = 2,
+    cache_dir: str | Path = ".cache/approximator",
+    workers: int = 2,
+    threads: int = 2,
+    time_limit: float | None = None,
+    state_cap: int = STATE_CAP,
+    lr: float = 3e-3,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Regenerate the approximator weights from scratch: exact data, training, scoring.
+
+    Parameters
+    ----------
+    out_dir
+        Folder for ``bursty_conditional.pt`` and ``bursty_conditional.json``.
+    seed
+        Seed of the Sobol design and of the network initialisation and batching.
+    n_designs, n_heldout
+        Training parameter sets and held-out parameter sets (drawn uniformly with a
+        different seed) inside the domain.
+    epochs, n_rows, n_kernels, width, depth, lr
+        Training length, nascent rows kept per design, network shape, Adam step size.
+    cache_dir
+        Where exact solutions are cached (resumable; outside git).
+    workers, threads
+        Processes for the exact solver, and torch threads for training.
+    time_limit
+        Stop training after this many seconds (the weights are still written).
+    state_cap
+        State cap of the domain (see :mod:`pybivi.cme.domain`); smaller values give a
+        quick toy run.
+
+    Returns
+    -------
+    Path
+        The written weights file; its metadata records domain, design size, seed, wall
+        time, held-out metrics and the SHA-256.
+    """
+    t0 = time.time()
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    cache = Path(cache_dir)
+    params = design(n_designs, seed, cap=state_cap)
+    tag = "" if state_cap == STATE_CAP else f"_cap{state_cap}"
+    train = build_dataset(
+        params,
+        cache / f"train_s{seed}_d{n_designs}_r{n_rows}{tag}",
+        n_rows,
+        workers=workers,
+        log=log,
+    )
+    held_params = design(n_heldout, HELDOUT_SEED, sobol=False, cap=state_cap)
+    held = build_dataset(
+        held_params,
+        cache / f"heldout_d{n_heldout}_r{SCORE_ROWS}{tag}",
+        SCORE_ROWS,
+        workers=workers,
+        log=log,
+        extras=False,
+    )
+    log(
+        f"exact data ready: {len(train.cond_n)} conditionals, {len(train.values)} pairs "
+        f"({time.time() - t0:.0f} s)"
+    )
+    net = ConditionalNet(n_kernels=n_kernels, width=width, depth=depth)
+    history = fit(net, train, epochs, lr=lr, seed=seed, log=log, time_limit=time_limit)
+    net.eval()
+    metrics = summarize(score(_net_log_prob(net), held))
+    log("held-out: " + json.dumps(metrics))
+    meta = {
+        "domain": {"box_log10": {k: list(v) for k, v in BOX.items()}, "state_cap": state_cap},
+        "n_designs": n_designs,
+        "n_conditionals": len(train.cond_n),
+        "n_pairs": len(train.values),
+        "n_rows_per_design": n_rows,
+        "seed": seed,
+        "heldout_seed": HELDOUT_SEED,
+        "epochs_run": len(history),
+        "final_train_kl": history[-1] if history else None,
+        "wall_time_s": round(time.time() - t0, 1),
+        "heldout": metrics,
+        "torch_version": torch.__version__,
+    }
+    path = save_approximator(net, Path(out_dir), meta)
+    load_approximator(path)  # the written file must load and match its checksum
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line of ``pybivi approximator train`` (``python -m pybivi.cme.training``)."""
+    ap = argparse.ArgumentParser(prog="pybivi approximator train", description=__doc__)
+    ap.add_argument("--out", default="pybivi/cme/weights", help="output folder")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-designs", type=int, default=1024)
+    ap.add_argument("--n-heldout", type=int, default=500)
+    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--n-rows", type=int, default=24)
+    ap.add_argument("--n-kernels", type=int, default=10)
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--cache", default=".cache/approximator")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--time-limit", type=float, default=None, help="seconds of training")
+    ap.add_argument("--state-cap", type=int, default=STATE_CAP)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    a = ap.parse_args(argv)
+    path = train_approximator(
+        a.out,
+        seed=a.seed,
+        n_designs=a.n_designs,
+        n_heldout=a.n_heldout,
+        epochs=a.epochs,
+        n_rows=a.n_rows,
+        n_kernels=a.n_kernels,
+        width=a.width,
+        depth=a.depth,
+        cache_dir=a.cache,
+        workers=a.workers,
+        threads=a.threads,
+        time_limit=a.time_limit,
+        state_cap=a.state_cap, lr=a.lr,
+        log=lambda s: print(s, flush=True),
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,234 @@
+"""The bursty conditional approximator: shipped weights, accuracy, gradients, edges, training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from pybivi.cme.approximator import (
+    DEFAULT_WEIGHTS,
+    load_approximator,
+    load_default_approximator,
+    nb_mixture_log_prob,
+    sha256_of,
+)
+from pybivi.cme.training import score, summarize, train_approximator
+from pybivi.cme.training_data import bursty_joint, conditionals_of, design, grid_size
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+BIVI_ZIP = SHARED / "reference" / "bivi-approximator-weights.zip"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def approx():
+    return load_default_approximator()
+
+
+def test_shipped_weights_load_and_match_checksum(approx, tmp_path):
+    meta = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+    assert sha256_of(DEFAULT_WEIGHTS) == meta["sha256"]
+    for key in ("domain", "n_designs", "seed", "wall_time_s", "heldout"):
+        assert key in meta
+    assert DEFAULT_WEIGHTS.stat().st_size < 3_000_000
+    assert load_default_approximator() is approx  # loaded once
+    assert approx.domain["state_cap"] == meta["domain"]["state_cap"]
+    # A tampered copy is refused.
+    bad = tmp_path / DEFAULT_WEIGHTS.name
+    shutil.copy(DEFAULT_WEIGHTS, bad)
+    shutil.copy(DEFAULT_WEIGHTS.with_suffix(".json"), bad.with_suffix(".json"))
+    with open(bad, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ValueError, match="checksum"):
+        load_approximator(bad)
+
+
+def test_nb_mixture_matches_scipy():
+    m = torch.arange(0, 400, dtype=torch.float32)
+    mu = np.array([3.0, 40.0, 150.0])
+    w = np.array([0.2, 0.5, 0.3])
+    log_means = torch.log(torch.tensor(mu, dtype=torch.float32))[:, None].expand(3, len(m))
+    logw = torch.log(torch.tensor(w, dtype=torch.float32))[:, None].expand(3, len(m))
+    for r in (0.3, 5.0, 60.0, 2e5):
+        got = nb_mixture_log_prob(m, log_means, logw, torch.full_like(m, np.log(r)))
+        pmfs = [stats.nbinom(r, r / (r + u)).pmf(m.numpy()) for u in mu]
+        ref = np.dot(w, pmfs)
+        keep = ref > 1e-30
+        # float32 arithmetic: terms of size m log m cancel, so the error grows like that
+        tol = 2e-6 * (1.0 + m.numpy() * np.log(m.numpy() + 2.0))
+        err = np.abs(got.double().numpy() - np.log(ref))
+        assert np.all(err[keep] <= tol[keep])
+
+
+@pytest.fixture(scope="module")
+def small_heldout():
+    """Twelve parameter sets drawn with a fresh seed from the domain, cut to small grids."""
+    params = design(200, seed=424242, sobol=False)
+    small = [p for p in params if np.prod(grid_size(*p)) < 40_000][:12]
+    return conditionals_of(np.array(small), None)
+
+
+def test_shipped_accuracy_on_small_heldout_set(approx, small_heldout):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = summarize(score(approx.log_prob_mature_given_nascent, small_heldout))
+    assert s["designs_with_invalid"] == 0
+    assert s["kl_median"] <= 1e-4
+    assert s["hellinger_median"] <= 0.003
+    assert s["hellinger_max"] <= 0.03
+
+
+def test_training_solver_agrees_with_package_exact_pmf():
+    from pybivi.cme import exact_pmf
+
+    for b, beta, gamma in [(2.0, 0.7, 0.3), (0.05, 0.02, 0.01), (30.0, 4.0, 4.0)]:
+        mine = bursty_joint(b, beta, gamma)
+        theirs = exact_pmf(
+            "bursty", n_max=mine.shape[0] - 1, m_max=mine.shape[1] - 1, b=b, beta=beta, gamma=gamma
+        )
+        assert np.abs(mine - theirs).max() < 1e-8
+        # and the nascent marginal is the exact NB
+        nb = stats.nbinom(1 / beta, 1 / (1 + b)).pmf(np.arange(mine.shape[0]))
+        assert np.abs(mine.sum(1) - nb).max() < 1e-10
+
+
+def _joint_log_prob_grad(scheme, n, m, mu_n, mu_m, theta):
+    x = torch.tensor([mu_n, mu_m, theta], dtype=torch.float64, requires_grad=True)
+    lp = scheme.log_prob(torch.tensor(float(n)), torch.tensor(float(m)), x[0], x[1], x[2])
+    lp.backward()
+    return x.grad.numpy()
+
+
+def _exact_joint_log_prob(n, m, mu_n, mu_m, theta):
+    b, beta, gamma = mu_n / theta, 1.0 / theta, mu_n / (theta * mu_m)
+    joint = bursty_joint(b, beta, gamma, shape=(256, 512))
+    return np.log(joint[n, m])
+
+
+@pytest.mark.parametrize(
+    "n,m,mu_n,mu_m,theta",
+    [
+        (2, 5, 1.5, 4.0, 2.0),
+        (0, 1, 0.3, 0.8, 0.5),
+        (10, 30, 8.0, 25.0, 5.0),
+        (3, 12, 2.0, 9.0, 10.0),
+    ],
+)
+def test_gradients_follow_exact_finite_differences(approx, n, m, mu_n, mu_m, theta):
+    from pybivi.schemes.bursty import BurstyScheme
+
+    g = _joint_log_prob_grad(BurstyScheme(backend=approx), n, m, mu_n, mu_m, theta)
+    fd = np.empty(3)
+    x = np.array([mu_n, mu_m, theta])
+    for i in range(3):
+        h = 1e-4 * x[i]
+        up, dn = x.copy(), x.copy()
+        up[i] += h
+        dn[i] -= h
+        fd[i] = (_exact_joint_log_prob(n, m, *up) - _exact_joint_log_prob(n, m, *dn)) / (2 * h)
+    assert np.all(np.isfinite(g))
+    big = np.abs(fd) > 0.05 * np.abs(fd).max()
+    assert np.all(np.sign(g[big]) == np.sign(fd[big]))
+    np.testing.assert_allclose(g, fd, rtol=0.25, atol=0.02 * np.abs(fd).max())
+
+
+def test_out_of_domain_inputs_are_finite_and_warn_once():
+    approx = load_approximator(DEFAULT_WEIGHTS)  # fresh object: its own warning flag
+    n = torch.tensor([0.0, 3.0, 1e5, 5.0, 2.0, 0.0, 40.0])
+    m = torch.tensor([0.0, 1.0, 1e6, 5.0, 0.0, 3.0, 10.0])
+    b = torch.tensor([1e-6, 1e-4, 50.0, 3.0, 1e4, 0.5, 2.0], requires_grad=True)
+    beta = torch.tensor([1.0, 0.5, 1e-3, 2.0, 1e3, 1e-4, 2.0])
+    gamma = torch.tensor([0.5, 0.5, 1e-4, 2.0, 1e3, 1e-5, 2.0])  # includes beta == gamma
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = approx.log_prob_mature_given_nascent(n, m, b, beta, gamma)
+        out.sum().backward()
+        approx.log_prob_mature_given_nascent(n, m, b.detach(), beta, gamma)
+    msgs = [str(w.message) for w in rec if issubclass(w.category, UserWarning)]
+    assert len(msgs) == 1 and msgs[0].startswith("5 of 7")
+    assert approx.outside_count == 10
+    assert torch.isfinite(out).all() and (out <= 1e-6).all()
+    assert torch.isfinite(b.grad).all()
+
+
+def test_small_burst_limit_is_the_constitutive_poisson(approx):
+    # b -> 0: M independent of N and Poisson(b / gamma) (bursts become single
+    # molecules). Below the threshold the limit is used exactly; just above it the
+    # network (inside its box) agrees with the limit, so the switch is nearly seamless.
+    m = torch.arange(0, 20, dtype=torch.float32)
+    beta, gamma = torch.tensor(0.02), torch.tensor(0.004)
+    for b in (1e-5, 1.5e-3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lp = approx.log_prob_mature_given_nascent(
+                torch.tensor(1.0), m, torch.tensor(b), beta, gamma
+            )
+        ref = stats.poisson(b / 0.004).logpmf(m.numpy())
+        kl = float((np.exp(ref) * (ref - lp.double().numpy())).sum())
+        assert kl < (1e-9 if b < 1e-3 else 1e-3)
+
+
+def test_inside_domain_sums_to_one(approx):
+    m = torch.arange(0, 3000, dtype=torch.float32)
+    for b, beta, gamma, n in [(0.5, 0.1, 0.05, 4), (20.0, 2.0, 0.5, 9), (200.0, 30.0, 20.0, 0)]:
+        lp = approx.log_prob_mature_given_nascent(
+            torch.tensor(float(n)), m, torch.tensor(b), torch.tensor(beta), torch.tensor(gamma)
+        )
+        assert abs(float(torch.exp(lp.double()).sum()) - 1.0) < 1e-4
+
+
+def test_training_runs_end_to_end_on_a_tiny_design(tmp_path):
+    path = train_approximator(
+        tmp_path / "w",
+        seed=3,
+        n_designs=6,
+        n_heldout=3,
+        epochs=2,
+        n_rows=6,
+        width=8,
+        cache_dir=tmp_path / "cache",
+        workers=1,
+        threads=1,
+        state_cap=48,
+        log=lambda s: None,
+    )
+    loaded = load_approximator(path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["n_designs"] == 6 and meta["seed"] == 3 and meta["domain"]["state_cap"] == 48
+    assert np.isfinite(meta["heldout"]["kl_median"])
+    out = loaded.log_prob_mature_given_nascent(
+        torch.tensor(1.0),
+        torch.tensor(2.0),
+        torch.tensor(1.0),
+        torch.tensor(1.0),
+        torch.tensor(1.0),
+    )
+    assert torch.isfinite(out)
+
+
+@pytest.mark.shared
+def test_bivi_backend_loads_and_approximates_inside_its_box():
+    if not BIVI_ZIP.is_file():
+        pytest.skip("biVI weights not found beside the repository")
+    from pybivi.cme import load_bivi_approximator
+
+    bivi = load_bivi_approximator(BIVI_ZIP, dtype=torch.float64)
+    cs = conditionals_of(np.array([[10.0, 1.0, 0.5], [3.0, 0.3, 2.0]]), None)
+    s = score(bivi.log_prob_mature_given_nascent, cs)
+    assert (s["invalid"] == 0).all()
+    assert (s["hellinger"] < 0.05).all()  # inside its box biVI is a fair approximation
+    with pytest.raises(ValueError, match="biVI"):
+        from pybivi.cme.bivi import BiVIConditional
+
+        BiVIConditional({"input.weight": torch.zeros(3, 3)})
