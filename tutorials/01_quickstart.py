@@ -41,9 +41,10 @@ FAST = os.environ.get("PYBIVI_TUTORIAL_FAST") == "1"
 OUT = Path(os.environ.get("PYBIVI_TUTORIAL_OUT") or tempfile.mkdtemp(prefix="pybivi_quickstart_"))
 OUT.mkdir(parents=True, exist_ok=True)
 
-# Tiny sizes for CI; the full sizes give meaningful results in a few minutes on a laptop CPU.
-N_CELLS, N_GENES, N_PROGRAMS = (400, 120, 3) if FAST else (3000, 600, 6)
-EPOCHS = 8 if FAST else 60
+# Tiny sizes for CI; the full sizes are meant for meaningful results (minutes to tens of minutes
+# on a CPU, depending on its cores; training uses a GPU when one is available).
+N_CELLS, N_GENES, N_PROGRAMS = (400, 120, 3) if FAST else (2000, 500, 6)
+EPOCHS = 8 if FAST else 40
 
 # %% [markdown]
 # ## 1. Simulate a screen with known kinetics

@@ -48,7 +48,7 @@ except NameError:  # running as a notebook: the working directory is tutorials/ 
     _REPO = Path.cwd().resolve().parent
 SHARED = Path(os.environ.get("PYBIVI_SHARED") or _REPO.parent / "shared")
 N_CELLS, N_GENES = (300, 80) if FAST else (2000, 400)
-EPOCHS = 6 if FAST else 60
+EPOCHS = 6 if FAST else 40
 N_REPLICATES = 10 if FAST else 50
 
 # %% [markdown]

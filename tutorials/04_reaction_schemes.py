@@ -41,8 +41,8 @@ from pybivi import datasets, pp, ppc, schemes
 FAST = os.environ.get("PYBIVI_TUTORIAL_FAST") == "1"
 OUT = Path(os.environ.get("PYBIVI_TUTORIAL_OUT") or tempfile.mkdtemp(prefix="pybivi_schemes_"))
 OUT.mkdir(parents=True, exist_ok=True)
-N_CELLS, N_GENES = (300, 80) if FAST else (2000, 400)
-EPOCHS = 5 if FAST else 40
+N_CELLS, N_GENES = (300, 80) if FAST else (1500, 300)
+EPOCHS = 5 if FAST else 30
 N_REPLICATES = 5 if FAST else 20
 
 # %% [markdown]
