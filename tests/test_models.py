@@ -19,7 +19,7 @@ def fitted(cls=pybivi.ContrastiveBiVI, seed=0, train=True, **kwargs):
     adata = make_adata(n_cells=48)
     cls.setup_anndata(adata)
     if cls in (pybivi.ContrastiveBiVI, pybivi.BiVI):
-        kwargs.setdefault("scheme", "extrinsic")
+        kwargs.setdefault("scheme", "bursty")
     model = cls(adata, n_hidden=16, seed=seed, **kwargs)
     if train:
         model.train(seed=seed, **FAST)
@@ -95,7 +95,7 @@ def test_save_load_round_trip_and_gene_check(tmp_path):
         np.testing.assert_array_equal(model.get_latent_representation(kind=kind),
                                       loaded.get_latent_representation(kind=kind))
     assert loaded.registry == model.registry and len(loaded.history) == 2
-    assert loaded.module.scheme.name == "extrinsic"
+    assert loaded.module.scheme.name == "bursty"
     with pytest.raises(ValueError, match="genes"):
         pybivi.ContrastiveBiVI.load(tmp_path / "m", adata[:, :-1].copy())
     with pytest.raises(ValueError, match="ContrastiveBiVI"):
@@ -162,15 +162,15 @@ def test_salient_space_beats_bivi_on_a_confounded_screen():
     from pybivi.metrics import mixing_entropy, program_ari
 
     adata = simulate_perturbseq(
-        n_cells=1000, n_genes=200, n_programs=3, seed=1, genes_per_program=12,
-        effect_range=(1.5, 2.5), doublet_fraction=0.0, n_weak_perturbations=0,
+        n_cells=1000, n_genes=200, n_programs=3, seed=1, genes_per_program=10,
+        effect_range=(1.0, 2.0), doublet_fraction=0.0, n_weak_perturbations=0,
     )
     program = adata.obs["program"].to_numpy()
     perturbed = program != "control"
     scores = {}
     for cls in (pybivi.ContrastiveBiVI, pybivi.BiVI):
         cls.setup_anndata(adata, perturbation_key="perturbation", control_labels="NT")
-        model = cls(adata, scheme="extrinsic")
+        model = cls(adata, scheme="bursty")
         model.train(max_epochs=30, progress_bar=False)
         rep = model.get_latent_representation()[perturbed]
         scores[cls.__name__] = (
@@ -178,5 +178,6 @@ def test_salient_space_beats_bivi_on_a_confounded_screen():
             mixing_entropy(rep, adata.obs["phase"].to_numpy()[perturbed], k=30),
         )
     (ari_c, h_c), (ari_b, h_b) = scores["ContrastiveBiVI"], scores["BiVI"]
-    assert ari_c > 0.5 and ari_c > ari_b + 0.2, scores
-    assert h_c > h_b + 0.2, scores
+    # measured here: ContrastiveBiVI ARI 0.63, entropy 0.33; biVI ARI 0.00, entropy 0.01
+    assert ari_c > 0.4 and ari_c > ari_b + 0.3, scores
+    assert h_c > h_b + 0.15, scores
