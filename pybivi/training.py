@@ -77,7 +77,7 @@ def fit(
         Yields validation batches; their loss is the full (``kl_weight = 1``) negative ELBO.
     early_stopping, patience
         Stop when the monitored loss (validation if any, else training) has not improved
-        for ``patience`` epochs.
+        for ``patience`` epochs after the warm-up.
     min_kl_weight
         First KL weight of the warm-up (must be positive).
     progress_bar
@@ -127,7 +127,8 @@ def fit(
         bar.set_postfix(elbo=f"{-row['train_loss']:.4g}", refresh=False)
         if monitored < best:
             best, since_best = monitored, 0
-        else:
+        elif step >= warmup_steps:
+            # During warm-up the optimised loss rises with the KL weight: not a plateau.
             since_best += 1
         if early_stopping and since_best >= patience:
             break
