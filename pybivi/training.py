@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyro
 import torch
 from pyro.infer import TraceMeanField_ELBO
 from tqdm.auto import tqdm
@@ -24,6 +25,21 @@ def kl_schedule(step: int, warmup_steps: int, min_weight: float = 1e-3) -> float
     if warmup_steps <= 0:
         return 1.0
     return float(min(1.0, min_weight + (1.0 - min_weight) * step / warmup_steps))
+
+
+def forget_params(module: torch.nn.Module) -> None:
+    """Drop ``module``'s entries from Pyro's global param store.
+
+    ``model``/``guide`` register the module with :func:`pyro.module` (so plain Pyro SVI
+    works), which keeps references in a process-wide store; the pybivi loop optimises
+    the module directly, so it removes them afterwards and old models can be freed.
+    """
+    name = getattr(module, "pyro_name", None)
+    if name is None:
+        return
+    store = pyro.get_param_store()
+    for key in [k for k in store.keys() if k.startswith(f"{name}$$$")]:
+        del store[key]
 
 
 def evaluate_loss(
@@ -42,6 +58,7 @@ def evaluate_loss(
             total += float(loss) / module.n_cells * size
             n += size
     module.train(was_training)
+    forget_params(module)
     return total / max(n, 1)
 
 
@@ -133,4 +150,5 @@ def fit(
         if early_stopping and since_best >= patience:
             break
     module.eval()
+    forget_params(module)
     return pd.DataFrame(rows)

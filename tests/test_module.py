@@ -251,3 +251,21 @@ def test_a_subclass_replaces_the_likelihood():
     rate = torch.stack([dec["mu_nascent"], dec["mu_mature"]], -1)
     expected = (x * rate.log() - rate - torch.lgamma(x + 1)).sum((-1, -2))
     torch.testing.assert_close(model.nodes["x"]["fn"].log_prob(x), expected, rtol=1e-5, atol=1e-3)
+
+
+def test_plain_pyro_svi_trains_the_module():
+    from pyro.infer import SVI
+    from pyro.optim import Adam
+
+    from pybivi.training import forget_params
+
+    module, cells = setup()
+    module.train()
+    batch = cells.batch(np.arange(40))
+    svi = SVI(module.model, module.guide, Adam({"lr": 0.05}), TraceMeanField_ELBO())
+    theta0 = module.log_theta.detach().clone()
+    losses = [svi.step(batch) for _ in range(30)]
+    assert not torch.equal(theta0, module.log_theta.detach())  # Pyro's optimiser moved them
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    forget_params(module)
+    assert not any(k.startswith(module.pyro_name) for k in pyro.get_param_store().keys())
