@@ -139,6 +139,15 @@ class ContrastiveModule(nn.Module):
         # A unique name keeps two modules' parameters apart in Pyro's global param store.
         self.pyro_name = f"pybivi_{uuid.uuid4().hex[:8]}"
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.cuda()/.cpu() end here: also move a scheme backend that holds tensors (the
+        # frozen bursty network is not a submodule: it must not be trained or saved with us).
+        out = super()._apply(fn, *args, **kwargs)
+        backend = getattr(self.scheme, "backend", None)
+        if isinstance(backend, nn.Module):
+            backend.to(self.log_theta.device)
+        return out
+
     # ----------------------------------------------------------------- pieces
     @property
     def theta(self) -> Tensor:
