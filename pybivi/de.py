@@ -679,7 +679,7 @@ def _pick_gene(kinetic_table, mean_table, adata) -> tuple[str, str]:
         mean_de = mean_table.set_index("group", append=True)["is_de"]
         keys = list(zip(t.index, t["group"], strict=True))
         t = t[~mean_de.reindex(keys).fillna(False).to_numpy(bool)]
-    if len(t):
+    if len(t) and {"burst_size_lfc_mean", "degradation_rate_lfc_mean"} <= set(t.columns):
         t = t[np.sign(t["burst_size_lfc_mean"]) == np.sign(t["degradation_rate_lfc_mean"])]
     if adata is not None and len(t):
         try:
@@ -692,8 +692,8 @@ def _pick_gene(kinetic_table, mean_table, adata) -> tuple[str, str]:
             pass
     if not len(t):
         t = kinetic_table
-    score = np.minimum(t["burst_size_bayes_factor"], t["degradation_rate_bayes_factor"])
-    best = int(np.argmax(score.to_numpy()))
+    bf = [c for c in t.columns if c.endswith("_bayes_factor")]
+    best = int(np.argmax(t[bf].min(axis=1).to_numpy()))
     return str(t.index[best]), str(t["group"].iloc[best])
 
 
