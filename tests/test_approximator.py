@@ -112,7 +112,7 @@ def _joint_log_prob_grad(scheme, n, m, mu_n, mu_m, theta):
 
 def _exact_joint_log_prob(n, m, mu_n, mu_m, theta):
     b, beta, gamma = mu_n / theta, 1.0 / theta, mu_n / (theta * mu_m)
-    joint = bursty_joint(b, beta, gamma, shape=(256, 512))
+    joint = bursty_joint(b, beta, gamma)
     return np.log(joint[n, m])
 
 

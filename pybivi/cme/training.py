@@ -128,7 +128,7 @@ def fit(
     cs: ConditionalSet,
     epochs: int,
     lr: float = 3e-3,
-    pairs_per_batch: int = 1 << 15,
+    pairs_per_batch: int = 1 << 16,
     seed: int = 0,
     log: Callable[[str], None] = print,
     time_limit: float | None = None,
@@ -220,10 +220,11 @@ def train_approximator(
     depth: int = 2,
     cache_dir: str | Path = ".cache/approximator",
     workers: int = 2,
-    threads: int = 2,
+    threads: int = 1,
     time_limit: float | None = None,
     state_cap: int = STATE_CAP,
     lr: float = 3e-3,
+    activation: str = "relu",
     log: Callable[[str], None] = print,
 ) -> Path:
     """Regenerate the approximator weights from scratch: exact data, training, scoring.
@@ -237,12 +238,14 @@ def train_approximator(
     n_designs, n_heldout
         Training parameter sets and held-out parameter sets (drawn uniformly with a
         different seed) inside the domain.
-    epochs, n_rows, n_kernels, width, depth, lr
-        Training length, nascent rows kept per design, network shape, Adam step size.
+    epochs, n_rows, n_kernels, width, depth, lr, activation
+        Training length, nascent rows kept per design, network shape, Adam step size and
+        hidden activation (see :class:`~pybivi.cme.approximator.ConditionalNet`).
     cache_dir
         Where exact solutions are cached (resumable; outside git).
     workers, threads
-        Processes for the exact solver, and torch threads for training.
+        Processes for the exact solver, and torch threads for training (one thread is
+        fastest on a shared machine: with more, torch's threads wait for each other).
     time_limit
         Stop training after this many seconds (the weights are still written).
     state_cap
@@ -271,7 +274,7 @@ def train_approximator(
     held_params = design(n_heldout, HELDOUT_SEED, sobol=False, cap=state_cap)
     held = build_dataset(
         held_params,
-        cache / f"heldout_d{n_heldout}_r{SCORE_ROWS}{tag}",
+        cache / f"heldout_domain_d{n_heldout}_r{SCORE_ROWS}{tag}",
         SCORE_ROWS,
         workers=workers,
         log=log,
@@ -281,7 +284,7 @@ def train_approximator(
         f"exact data ready: {len(train.cond_n)} conditionals, {len(train.values)} pairs "
         f"({time.time() - t0:.0f} s)"
     )
-    net = ConditionalNet(n_kernels=n_kernels, width=width, depth=depth)
+    net = ConditionalNet(n_kernels=n_kernels, width=width, depth=depth, activation=activation)
     history = fit(net, train, epochs, lr=lr, seed=seed, log=log, time_limit=time_limit)
     net.eval()
     metrics = summarize(score(_net_log_prob(net), held))
@@ -319,10 +322,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--cache", default=".cache/approximator")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--time-limit", type=float, default=None, help="seconds of training")
     ap.add_argument("--state-cap", type=int, default=STATE_CAP)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--activation", default="relu", choices=["relu", "silu"])
     a = ap.parse_args(argv)
     path = train_approximator(
         a.out,
@@ -338,7 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=a.workers,
         threads=a.threads,
         time_limit=a.time_limit,
-        state_cap=a.state_cap, lr=a.lr,
+        state_cap=a.state_cap,
+        lr=a.lr,
+        activation=a.activation,
         log=lambda s: print(s, flush=True),
     )
     print(f"wrote {path}")
