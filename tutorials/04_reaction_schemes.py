@@ -103,12 +103,13 @@ comparison.to_csv(OUT / "scheme_comparison.csv")
 # %% [markdown]
 # The `central95_*` columns are the fraction of genes whose observed statistic (mean,
 # variance, fraction of zeros, nascent-mature correlation, per species) falls inside the
-# central 95 % of the posterior-predictive replicates: 1 is perfect calibration. On bursty data
-# the constitutive scheme cannot produce the variance (its Poisson variance equals the mean of
-# the cell, so only the spread of the means between cells adds to it) and it fails the variance
-# checks; the bursty scheme, which generated the data, should reach the best ELBO once trained
-# with the full sizes. With `PYBIVI_TUTORIAL_FAST=1` the models are barely trained and the
-# numbers only show the mechanics. Tutorial 3 reads these checks in detail.
+# central 95 % of the posterior-predictive replicates (1 would be perfect; compare the schemes
+# with each other, as tutorial 3 explains). On bursty data the constitutive scheme cannot
+# produce the variance (its Poisson variance equals the mean of the cell, so only the spread of
+# the means between cells adds to it) and it fails the variance checks; the bursty scheme, which
+# generated the data, should reach the best ELBO and the best nascent-mature correlation check
+# once trained with the full sizes. With `PYBIVI_TUTORIAL_FAST=1` the models are barely
+# trained and the numbers only show the mechanics. Tutorial 3 reads these checks in detail.
 
 # %%
 for name, (_, check) in fits.items():
