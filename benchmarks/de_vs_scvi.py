@@ -179,7 +179,12 @@ def ground_truth(args: argparse.Namespace) -> int:
         models[cls.__name__] = model = cls(a, seed=args.seed, **kw)
         t0 = time.perf_counter()
         model.train(max_epochs=args.epochs, progress_bar=False, seed=args.seed)
-        print(f"{cls.__name__}: {args.epochs} epochs in {time.perf_counter() - t0:.1f} s")
+        # A negative loss (-ELBO per cell) would mean log-probabilities above 0: invalid.
+        loss = float(model.history["train_loss"].iloc[-1])
+        print(
+            f"{cls.__name__}: {args.epochs} epochs in {time.perf_counter() - t0:.1f} s, "
+            f"final training loss {loss:.1f} per cell"
+        )
     t0 = time.perf_counter()
     out = de.figure3(
         models["ContrastiveBiVI"],
