@@ -198,15 +198,14 @@ def setup_anndata(
         present = set(labels)
         absent = [c for c in control_labels if c not in present]
         if contrastive:
+            if not control_labels:
+                raise ValueError("no control cells: control_labels is empty")
             if absent:
                 raise ValueError(
-                    f"control label(s) {absent} never occur in adata.obs[{key!r}] "
-                    f"(labels seen: {sorted(present)[:10]})"
+                    f"control label(s) {absent} never occur in adata.obs[{key!r}], so there "
+                    f"are no such control cells (labels seen: {sorted(present)[:10]})"
                 )
-            is_control = np.isin(labels, control_labels)
-            if not is_control.any():
-                raise ValueError("no control cells: a contrastive model needs some")
-            if is_control.all():
+            if np.isin(labels, control_labels).all():
                 raise ValueError("no perturbed cells: every cell carries a control label")
     adata.uns[UNS_KEY] = {
         "perturbation_key": key if key is not None else "",

@@ -99,6 +99,8 @@ def test_setup_needs_control_and_perturbed_cells():
         data.setup_anndata(adata, control_labels=("NT", "A"))
     with pytest.raises(ValueError, match="never occur"):
         data.setup_anndata(adata, control_labels="NT2")
+    with pytest.raises(ValueError, match="no control cells"):
+        data.setup_anndata(adata, control_labels=())
     # a non-contrastive model does not need labels at all
     adata.obs = adata.obs.drop(columns="perturbation")
     data.setup_anndata(adata, contrastive=False)
