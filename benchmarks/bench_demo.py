@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pybivi import cli, datasets, pp
+from pybivi import datasets, pipeline, pp
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--genes", type=int, default=800)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--models", default=",".join(cli.MODEL_NAMES))
+    parser.add_argument("--models", default=",".join(pipeline.MODEL_NAMES))
     parser.add_argument("--embedding", default="umap", choices=("umap", "pca"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--out", default="results/bench_demo")
@@ -46,7 +46,7 @@ def main() -> None:
     kinds = raw.uns["simulation"]
     adata.uns["program_kinds"] = dict(zip(kinds["programs"], kinds["program_kinds"], strict=True))
     t_prep = time.perf_counter() - t0
-    summary = cli.run_pipeline(
+    summary = pipeline.run_pipeline(
         adata, Path(args.out), perturbation_key="perturbation", controls=["NT"],
         program_key="program", phase_key="phase", models=models, seeds=args.seeds,
         epochs=args.epochs, embedding=args.embedding, quiet=True,
