@@ -63,6 +63,11 @@ def test_demo_writes_report_folder(demo_dir):
         assert 0.0 <= row["mixing_entropy"] <= np.log(3) + 1e-9
     for name in cli.MODEL_NAMES:
         assert (demo_dir / "models" / f"{name}_seed0" / "config.json").exists()
+    # Figure 3 (pybivi.de) and the kinetic truth comparison are sections of the same page.
+    assert "error" not in metrics["figure3"], metrics["figure3"]
+    assert {"b", "gamma"} <= set(metrics["kinetic_recovery"])
+    assert "Figure 3" in page and "Kinetic parameters against the truth" in page
+    assert json.loads((demo_dir / "report.json").read_text())["sections"][0]["key"] == "data"
 
 
 def test_demo_anndata_has_representations_and_kinetics(demo_dir):
