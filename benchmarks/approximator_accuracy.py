@@ -92,7 +92,7 @@ def main() -> None:
                 bivi = load_bivi_approximator(BIVI_WEIGHTS, dtype=dtype)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    sb = summarize(score(bivi.log_prob_mature_given_nascent, cs))
+                    sb = summarize(score(bivi.log_prob_mature_given_nascent, cs, chunk=1 << 16))
                 results[(label, name)] = sb
                 print(_row(name, sb))
     print("\ntargets (domain): " + ", ".join(f"{k} <= {v}" for k, v in TARGETS.items()))

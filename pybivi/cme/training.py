@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pybivi.cme.approximator import (
+    WEIGHTS_DIR,
     ConditionalNet,
     load_approximator,
     moment_base,
@@ -213,7 +214,7 @@ def train_approximator(
     seed: int = 0,
     n_designs: int = 1024,
     n_heldout: int = 500,
-    epochs: int = 60,
+    epochs: int = 100,
     n_rows: int = 24,
     n_kernels: int = 10,
     width: int = 32,
@@ -223,7 +224,7 @@ def train_approximator(
     threads: int = 1,
     time_limit: float | None = None,
     state_cap: int = STATE_CAP,
-    lr: float = 3e-3,
+    lr: float = 5e-3,
     activation: str = "relu",
     log: Callable[[str], None] = print,
 ) -> Path:
@@ -298,6 +299,8 @@ def train_approximator(
         "seed": seed,
         "heldout_seed": HELDOUT_SEED,
         "epochs_run": len(history),
+        "epochs": epochs,
+        "lr": lr,
         "final_train_kl": history[-1] if history else None,
         "wall_time_s": round(time.time() - t0, 1),
         "heldout": metrics,
@@ -311,11 +314,11 @@ def train_approximator(
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of ``pybivi approximator train`` (``python -m pybivi.cme.training``)."""
     ap = argparse.ArgumentParser(prog="pybivi approximator train", description=__doc__)
-    ap.add_argument("--out", default="pybivi/cme/weights", help="output folder")
+    ap.add_argument("--out", default=str(WEIGHTS_DIR), help="output folder (default: shipped)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-designs", type=int, default=1024)
     ap.add_argument("--n-heldout", type=int, default=500)
-    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--n-rows", type=int, default=24)
     ap.add_argument("--n-kernels", type=int, default=10)
     ap.add_argument("--width", type=int, default=32)
@@ -325,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--time-limit", type=float, default=None, help="seconds of training")
     ap.add_argument("--state-cap", type=int, default=STATE_CAP)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--activation", default="relu", choices=["relu", "silu"])
     a = ap.parse_args(argv)
     path = train_approximator(
