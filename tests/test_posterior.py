@@ -176,3 +176,15 @@ def test_bad_input(fitted):
         posterior.posterior(fitted, indices=[10_000])
     with pytest.raises(ValueError, match="n_samples"):
         posterior.posterior(fitted, n_samples=0)
+
+
+def test_model_method_is_the_posterior_function(fitted):
+    """``model.posterior(...)`` gives the same seeded draws as ``pybivi.posterior.posterior``."""
+    kwargs = dict(indices=np.arange(12), n_samples=4, seed=3, genes=list(fitted.adata.var_names[:5]))
+    by_method = fitted.posterior(**kwargs)
+    by_function = posterior.posterior(fitted, **kwargs)
+    for name in ("z", "t", "burst_size" if "burst_size" in by_method.posterior else "mean_mature"):
+        np.testing.assert_array_equal(by_method.posterior[name], by_function.posterior[name])
+    # The draws are random (not a deterministic function of the seed alone): a new seed differs.
+    other = fitted.posterior(**{**kwargs, "seed": 4})
+    assert not np.array_equal(other.posterior["z"], by_method.posterior["z"])

@@ -192,14 +192,14 @@ table.to_csv(OUT / "kinetic_bayes_factors.csv")
 # %% [markdown]
 # ## 6. The posterior as ArviZ data
 #
-# For your own analyses, `pybivi.posterior.posterior` exports posterior draws of the latents,
+# For your own analyses, `model.posterior(...)` exports posterior draws of the latents,
 # the means and the scheme's kinetic parameters (`burst_size`, `splicing_rate`,
 # `degradation_rate` for the bursty scheme) as an `arviz.InferenceData`. The bursty map ties
 # them together: the nascent mean is `b / beta`, whatever the cell.
 
 # %%
-idata = pybivi.posterior.posterior(
-    model, indices=np.arange(20), n_samples=5, genes=list(adata.var_names[:10])
+idata = model.posterior(
+    indices=np.arange(20), n_samples=5, genes=list(adata.var_names[:10])
 )
 post = idata.posterior.sel(library="observed")
 ratio = post["burst_size"] / post["splicing_rate"]

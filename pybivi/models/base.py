@@ -291,6 +291,34 @@ class BaseModel:
         self.module.train(was_training)
         return np.concatenate(out, axis=0).astype(np.float32)
 
+    def posterior(self, adata: Any = None, indices: Any = None, n_samples: int = 25, **kwargs: Any):
+        """Posterior draws as an :class:`arviz.InferenceData`.
+
+        A method form of :func:`pybivi.posterior.posterior` (see there for every option:
+        ``groupby``, ``groups``, ``quantities``, ``libraries``, ``genes``,
+        ``posterior_predictive``, ``batch_size``, ``seed``).
+
+        Parameters
+        ----------
+        adata
+            AnnData to draw for (default: the training data).
+        indices
+            Rows of ``adata`` (default: all cells).
+        n_samples
+            Draws per cell from the guide.
+        **kwargs
+            Passed on to :func:`pybivi.posterior.posterior`.
+
+        Returns
+        -------
+        arviz.InferenceData
+            Groups ``posterior``, ``observed_data``, ``constant_data`` and optionally
+            ``posterior_predictive``, with coordinates from the AnnData.
+        """
+        from pybivi.posterior import posterior
+
+        return posterior(self, adata, indices, n_samples, **kwargs)
+
     # ------------------------------------------------------------- save/load
     def save(self, path: str | Path, overwrite: bool = False) -> None:
         """Write the weights, registry, settings and history to directory ``path``."""
