@@ -180,7 +180,8 @@ def test_bad_input(fitted):
 
 def test_model_method_is_the_posterior_function(fitted):
     """``model.posterior(...)`` gives the same seeded draws as ``pybivi.posterior.posterior``."""
-    kwargs = dict(indices=np.arange(12), n_samples=4, seed=3, genes=list(fitted.adata.var_names[:5]))
+    genes = list(fitted.adata.var_names[:5])
+    kwargs = dict(indices=np.arange(12), n_samples=4, seed=3, genes=genes)
     by_method = fitted.posterior(**kwargs)
     by_function = posterior.posterior(fitted, **kwargs)
     for name in ("z", "t", "burst_size" if "burst_size" in by_method.posterior else "mean_mature"):
