@@ -19,6 +19,7 @@ _SUBMODULES = (
     "pp",
     "metrics",
     "de",
+    "de_report",
     "ppc",
     "posterior",
     "plotting",

@@ -1,0 +1,367 @@
+"""Figure 3 of the paper from fitted models: call counts, overlaps, posterior densities.
+
+Builds on the Bayes-factor tests of :mod:`pybivi.de` (:func:`pybivi.de.kinetic`,
+:func:`pybivi.de.mean`) and adds what a report needs: the number of genes with strong
+evidence per program and readout, the overlap of the kinetic and mean calls, posterior
+densities for one gene, and, on simulated data, precision and recall of the kinetic calls
+against the simulator's truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pybivi.de import _group_masks, _model_labels, kinetic, mean
+
+__all__ = [
+    "truth_scores",
+    "compensatory_summary",
+    "call_counts",
+    "overlap_table",
+    "plot_call_counts",
+    "plot_overlap",
+    "plot_posterior_densities",
+    "figure3",
+]
+
+
+# --------------------------------------------------------------------------- ground truth
+def _truth_arrays(adata: Any, genes: Sequence[str]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Simulator truth aligned to ``genes``: programs and per gene x program arrays."""
+    sim = adata.uns.get("simulation") if hasattr(adata, "uns") else None
+    if sim is None or "log2_b_change" not in adata.varm:
+        raise KeyError("no simulator truth: adata.uns['simulation'] / varm['log2_b_change']")
+    rows = pd.Index(adata.var_names).get_indexer(list(genes))
+    if np.any(rows < 0):
+        raise KeyError("the table's genes are not all in the AnnData")
+    kinds = np.asarray(sim["effect_kinds"], dtype=object)
+    return [str(p) for p in sim["programs"]], {
+        "burst_size": np.asarray(adata.varm["log2_b_change"])[rows],
+        "degradation_rate": np.asarray(adata.varm["log2_gamma_change"])[rows],
+        "kind": kinds[np.asarray(adata.varm["effect_kind"])[rows]],
+    }
+
+
+def truth_scores(kinetic_table: pd.DataFrame, adata: Any, min_log2: float = 1.0) -> pd.DataFrame:
+    """Precision and recall of kinetic calls against the simulator's truth, per program.
+
+    A gene truly changes a parameter in a program when ``|log2 change| >= min_log2``
+    (default: at least 2x) in ``adata.varm`` (see :func:`pybivi.datasets.simulate_perturbseq`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per program and target (``burst_size``, ``degradation_rate`` and ``any``:
+        the gene is called for either parameter / truly changes either), with ``n_true``,
+        ``n_called``, ``true_positives``, ``precision`` (``nan`` without calls), ``recall``.
+    """
+    rows = []
+    for program, table in kinetic_table.groupby("group", sort=False):
+        programs, truth = _truth_arrays(adata, table.index)
+        if program not in programs:
+            continue
+        p = programs.index(program)
+        true = {k: np.abs(truth[k][:, p]) >= min_log2 for k in ("burst_size", "degradation_rate")}
+        called = {k: table[f"{k}_is_de"].to_numpy(bool) for k in true}
+        true["any"] = true["burst_size"] | true["degradation_rate"]
+        called["any"] = called["burst_size"] | called["degradation_rate"]
+        for k in ("burst_size", "degradation_rate", "any"):
+            tp = int(np.sum(true[k] & called[k]))
+            n_called, n_true = int(called[k].sum()), int(true[k].sum())
+            rows.append(
+                {
+                    "program": program,
+                    "target": k,
+                    "n_true": n_true,
+                    "n_called": n_called,
+                    "true_positives": tp,
+                    "precision": tp / n_called if n_called else np.nan,
+                    "recall": tp / n_true if n_true else np.nan,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def compensatory_summary(
+    kinetic_table: pd.DataFrame, mean_table: pd.DataFrame, adata: Any
+) -> pd.DataFrame:
+    """Per program: how many true compensatory genes the kinetic test calls and the mean misses."""
+    rows = []
+    for program, table in kinetic_table.groupby("group", sort=False):
+        programs, truth = _truth_arrays(adata, table.index)
+        if program not in programs:
+            continue
+        comp = truth["kind"][:, programs.index(program)] == "compensatory"
+        kin = (table["call"] != "none").to_numpy()
+        mean_calls = mean_table[mean_table["group"] == program]["is_de"].reindex(table.index)
+        mean_de = mean_calls.fillna(False).to_numpy(bool)
+        n = int(comp.sum())
+        hit = int(np.sum(comp & kin & ~mean_de))
+        rows.append(
+            {
+                "program": program,
+                "n_compensatory": n,
+                "called_kinetic": int(np.sum(comp & kin)),
+                "called_mean": int(np.sum(comp & mean_de)),
+                "kinetic_not_mean": hit,
+                "fraction_kinetic_not_mean": hit / n if n else np.nan,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- figure 3
+_SHORT = {"burst_size": "b", "degradation_rate": "gamma/k"}
+
+
+def call_counts(kinetic_table: pd.DataFrame, mean_tables: dict[str, pd.DataFrame] | None = None):
+    """Genes with strong evidence per group (paper figure 3a): ``b``, ``gamma/k``, both, means.
+
+    Columns ``b`` and ``gamma/k`` count every gene called for that parameter (so a gene
+    called for both counts in both and in ``both``); ``mean (<label>)`` counts the genes
+    called by each mean-expression table.
+    """
+    out = {}
+    for g, t in kinetic_table.groupby("group", sort=False):
+        row = {}
+        for p in [c[: -len("_is_de")] for c in t.columns if c.endswith("_is_de")]:
+            row[_SHORT.get(p, p)] = int(t[f"{p}_is_de"].sum())
+        row["both"] = int((t["call"] == "both").sum())
+        for label, m in (mean_tables or {}).items():
+            row[f"mean ({label})"] = int(m.loc[m["group"] == g, "is_de"].sum())
+        out[g] = row
+    return pd.DataFrame(out).T.rename_axis("group")
+
+
+def _call_sets(kinetic_table, mean_tables) -> dict[str, set]:
+    sets = {}
+    for p in [c[: -len("_is_de")] for c in kinetic_table.columns if c.endswith("_is_de")]:
+        t = kinetic_table[kinetic_table[f"{p}_is_de"]]
+        sets[_SHORT.get(p, p)] = set(zip(t["group"], t.index, strict=True))
+    for label, m in (mean_tables or {}).items():
+        t = m[m["is_de"]]
+        sets[f"mean ({label})"] = set(zip(t["group"], t.index, strict=True))
+    return sets
+
+
+def overlap_table(kinetic_table, mean_tables=None) -> pd.DataFrame:
+    """Pairwise overlaps of the called (group, gene) sets: entry (i, j) = |S_i & S_j|."""
+    sets = _call_sets(kinetic_table, mean_tables)
+    names = list(sets)
+    return pd.DataFrame(
+        [[len(sets[a] & sets[b]) for b in names] for a in names], index=names, columns=names
+    )
+
+
+def plot_call_counts(counts: pd.DataFrame):
+    """Grouped bars of :func:`call_counts` (one group of bars per program)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(5.0, 1.2 * len(counts) + 2), 3.5), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(1, counts.shape[1])
+    x = np.arange(len(counts))
+    for j, col in enumerate(counts.columns):
+        ax.bar(x + j * width, counts[col].to_numpy(), width, label=col)
+    ax.set_xticks(x + 0.4 - width / 2, counts.index, rotation=30, ha="right")
+    ax.set_ylabel("genes with strong evidence")
+    ax.legend(fontsize="small", frameon=False)
+    return fig
+
+
+def plot_overlap(overlap: pd.DataFrame):
+    """Heat map of :func:`overlap_table` with the counts written in."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(1.1 * len(overlap) + 2, 1.0 * len(overlap) + 1.2), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(overlap.to_numpy(), cmap="Blues")
+    ax.set_xticks(range(len(overlap)), overlap.columns, rotation=30, ha="right")
+    ax.set_yticks(range(len(overlap)), overlap.index)
+    for (i, j), v in np.ndenumerate(overlap.to_numpy()):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize="small")
+    fig.colorbar(im, ax=ax, label="(group, gene) pairs called by both")
+    return fig
+
+
+def plot_posterior_densities(samples: dict[str, dict[str, np.ndarray]], title: str = ""):
+    """Densities of log10 posterior samples, one panel per quantity, one curve per group.
+
+    ``samples = {"b (ContrastiveBiVI)": {"program1": array, "control": array}, ...}``
+    (figures 3b-c and S1 of the paper).
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.2 * len(samples), 3.0), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(samples)))
+    for ax, (name, groups) in zip(axes, samples.items(), strict=True):
+        for g, values in groups.items():
+            ax.hist(np.log10(values), bins=50, density=True, histtype="step", label=g)
+        ax.set_xlabel(f"log10 {name}")
+        ax.legend(fontsize="small", frameon=False)
+    axes[0].set_ylabel("posterior density")
+    fig.suptitle(title)
+    return fig
+
+
+def _pick_gene(kinetic_table, mean_table, adata) -> tuple[str, str]:
+    """A compensatory gene: called for both b and gamma/k, shifts of the same sign, missed
+    by the mean test (true compensatory genes first when the simulator's truth is there)."""
+    t = kinetic_table[kinetic_table["call"] == "both"].copy()
+    if mean_table is not None and len(t):
+        mean_de = mean_table.set_index("group", append=True)["is_de"]
+        keys = list(zip(t.index, t["group"], strict=True))
+        t = t[~mean_de.reindex(keys).fillna(False).to_numpy(bool)]
+    if len(t) and {"burst_size_lfc_mean", "degradation_rate_lfc_mean"} <= set(t.columns):
+        t = t[np.sign(t["burst_size_lfc_mean"]) == np.sign(t["degradation_rate_lfc_mean"])]
+    if adata is not None and len(t):
+        try:
+            programs, truth = _truth_arrays(adata, t.index)
+            col = [programs.index(g) if g in programs else -1 for g in t["group"]]
+            kind = np.array([truth["kind"][i, c] if c >= 0 else "" for i, c in enumerate(col)])
+            if np.any(kind == "compensatory"):
+                t = t[kind == "compensatory"]
+        except KeyError:
+            pass
+    if not len(t):
+        t = kinetic_table
+    bf = [c for c in t.columns if c.endswith("_bayes_factor")]
+    best = int(np.argmax(t[bf].min(axis=1).to_numpy()))
+    return str(t.index[best]), str(t["group"].iloc[best])
+
+
+def figure3(
+    contrastive_bivi: Any,
+    scvi: Any = None,
+    contrastive_vi: Any = None,
+    groupby: str = "program",
+    reference: str = "control",
+    groups: Sequence[str] | None = None,
+    truth: Any = None,
+    gene: str | None = None,
+    n_samples: int = 5_000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Everything of the report's "figure 3" section, from fitted models.
+
+    Parameters
+    ----------
+    contrastive_bivi
+        Fitted ContrastiveBiVI (bursty scheme) for the kinetic tests.
+    scvi, contrastive_vi
+        Fitted mature-only models for the mean-expression tests (either may be ``None``).
+    groupby, reference, groups
+        Groups of cells (``obs`` column), the reference value, the groups to test
+        (default: the simulator's programs when ``truth`` is given, else every group).
+    truth
+        The simulated AnnData (``uns["simulation"]``, ``varm``) for precision/recall.
+    gene
+        Gene for the posterior densities (default: a compensatory one, see the text).
+    n_samples, seed
+        Pooled posterior draws per group; seed of draws and pairs.
+
+    Returns
+    -------
+    dict
+        ``"kinetic"`` and ``"mean"`` (``{label: table}``) tables, ``"counts"``
+        (:func:`call_counts`), ``"overlap"`` (:func:`overlap_table`), ``"truth"``
+        (:func:`truth_scores`) and ``"compensatory"`` (:func:`compensatory_summary`,
+        ``None`` without truth), ``"gene"``/``"gene_group"``, ``"figures"`` (matplotlib
+        figures ``counts``, ``overlap``, ``densities``) and ``"text"`` (Markdown summary).
+    """
+    if groups is None and truth is not None and "simulation" in truth.uns:
+        groups = [str(p) for p in truth.uns["simulation"]["programs"]]
+    kw = dict(groupby=groupby, group=groups, reference=reference, n_samples=n_samples, seed=seed)
+    kin = kinetic(contrastive_bivi, **kw)
+    means = {}
+    for label, m in (("SCVI", scvi), ("ContrastiveVI", contrastive_vi)):
+        if m is not None:
+            means[label] = mean(m, **kw)
+    first_mean = next(iter(means.values()), None)
+    out: dict[str, Any] = {"kinetic": kin, "mean": means, "truth": None, "compensatory": None}
+    out["counts"] = call_counts(kin, means)
+    out["overlap"] = overlap_table(kin, means)
+    if truth is not None:
+        out["truth"] = truth_scores(kin, truth)
+        if first_mean is not None:
+            out["compensatory"] = compensatory_summary(kin, first_mean, truth)
+    if gene is None:
+        gene, group = _pick_gene(kin, first_mean, truth)
+    else:
+        group = str(kin.loc[[gene], "group"].iloc[0])
+    out["gene"], out["gene_group"] = gene, group
+    out["figures"] = {
+        "counts": plot_call_counts(out["counts"]),
+        "overlap": plot_overlap(out["overlap"]),
+        "densities": plot_posterior_densities(
+            _density_samples(contrastive_bivi, scvi, gene, group, groupby, reference, seed),
+            title=f"{gene}: {group} vs {reference}",
+        ),
+    }
+    out["text"] = _figure3_text(out, reference)
+    return out
+
+
+def _density_samples(cbivi, scvi, gene, group, groupby, reference, seed, n=2_000):
+    from pybivi.posterior import pooled_samples
+
+    samples: dict[str, dict[str, np.ndarray]] = {}
+    for label, model, names in (
+        ("SCVI", scvi, ("mean_mature",)),
+        ("ContrastiveBiVI", cbivi, ("burst_size", "degradation_rate")),
+    ):
+        if model is None:
+            continue
+        labels, ctrl = _model_labels(model, groupby)
+        ref_mask, masks = _group_masks(labels, ctrl, group, reference, groupby)
+        for who, mask in ((group, masks[group]), (reference, ref_mask)):
+            draws = pooled_samples(model, np.flatnonzero(mask), n, names, genes=[gene], seed=seed)
+            for q in names:
+                key = f"{_SHORT.get(q, 'mean' if q == 'mean_mature' else q)} ({label})"
+                samples.setdefault(key, {})[who] = draws[q][:, 0]
+    return samples
+
+
+def _figure3_text(out: dict[str, Any], reference: str) -> str:
+    lines = [
+        f"Genes with strong evidence of a shift versus {reference} (kinetic: BF > 3 at "
+        "|log2 FC| >= 1; mean: BF > 2 at |log2 FC| >= 0.2):",
+        "",
+        out["counts"].to_markdown() if _has_tabulate() else out["counts"].to_string(),
+        "",
+    ]
+    truth = out["truth"]
+    if truth is not None and len(truth):
+        any_ = truth[truth["target"] == "any"]
+        # A program without any call has no precision: that does not count as met.
+        ok_p = bool((any_["precision"] >= 0.9).all())
+        ok_r = bool((any_["recall"] >= 0.7).all())
+        lines.append(
+            f"Ground truth (genes whose b or gamma/k truly changes >= 2x): precision per program "
+            f"{', '.join(f'{v:.2f}' for v in any_['precision'])} (target >= 0.9: "
+            f"{'met' if ok_p else 'NOT met'}); recall "
+            f"{', '.join(f'{v:.2f}' for v in any_['recall'])} (target >= 0.7: "
+            f"{'met' if ok_r else 'NOT met'})."
+        )
+    comp = out["compensatory"]
+    if comp is not None and len(comp):
+        n, hit = int(comp["n_compensatory"].sum()), int(comp["kinetic_not_mean"].sum())
+        frac = hit / n if n else float("nan")
+        lines.append(
+            f"Compensatory genes called by the kinetic test and missed by the mean test: "
+            f"{hit}/{n} ({frac:.0%}; target >= 50%: {'met' if frac >= 0.5 else 'NOT met'})."
+        )
+    lines.append(f"Posterior densities shown for {out['gene']} ({out['gene_group']}).")
+    return "\n".join(lines)
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
