@@ -149,7 +149,7 @@ def _call_sets(kinetic_table, mean_tables) -> dict[str, set]:
 
 
 def overlap_table(kinetic_table, mean_tables=None) -> pd.DataFrame:
-    """Pairwise overlaps of the called (group, gene) sets: entry (i, j) = |S_i & S_j|."""
+    """Pairwise overlaps of the called (group, gene) sets: entry (i, j) = ``len(S_i & S_j)``."""
     sets = _call_sets(kinetic_table, mean_tables)
     names = list(sets)
     return pd.DataFrame(
