@@ -164,6 +164,7 @@ def test_salient_space_beats_bivi_on_a_confounded_screen():
     adata = simulate_perturbseq(
         n_cells=1000, n_genes=200, n_programs=3, seed=1, genes_per_program=10,
         effect_range=(1.0, 2.0), doublet_fraction=0.0, n_weak_perturbations=0,
+        cell_cycle_log2=2.0,  # a dominant confounder, pinned so simulator defaults can move
     )
     program = adata.obs["program"].to_numpy()
     perturbed = program != "control"
