@@ -108,8 +108,12 @@ def nodes(k: int) -> Tensor:
 
 
 def _softplus(x: Tensor) -> Tensor:
-    """``log(1 + e^x)`` as ``relu(x) + log1p(e^-min(|x|, 80))``: vectorised, no subnormals."""
-    return torch.relu(x) + torch.log1p(torch.exp(-x.abs().clamp(max=80.0)))
+    """``log(1 + e^x)`` for ``x <= 80`` (callers guarantee it), without subnormal floats.
+
+    Three vectorised ops; torch's ``softplus`` kernel measured several times slower here.
+    Clamping at -80 changes the value by less than ``e^-80``.
+    """
+    return torch.log1p(torch.exp(x.clamp(min=-80.0)))
 
 
 class ConditionalNet(nn.Module):
@@ -186,7 +190,8 @@ class ConditionalNet(nn.Module):
         centre = c + out[k]
         spread = sigma * torch.exp(out[k + 1].clamp(-6.0, 3.0))
         z = self.z.reshape((k,) + (1,) * centre.dim())
-        log_means = centre + spread * z
+        # Means above e^30 never occur in the domain; the cap keeps exp() finite anywhere.
+        log_means = (centre + spread * z).clamp(max=30.0)
         log_r = -2.0 * torch.log(spread * self.dz + 1e-3) + out[k + 2]
         return log_means, logw, log_r.clamp(_LOG_R_MIN, _LOG_R_MAX)
 

@@ -216,15 +216,15 @@ def train_approximator(
     n_heldout: int = 500,
     epochs: int = 100,
     n_rows: int = 24,
-    n_kernels: int = 10,
-    width: int = 32,
+    n_kernels: int = 14,
+    width: int = 40,
     depth: int = 2,
     cache_dir: str | Path = ".cache/approximator",
     workers: int = 2,
     threads: int = 1,
     time_limit: float | None = None,
     state_cap: int = STATE_CAP,
-    lr: float = 5e-3,
+    lr: float = 4e-3,
     activation: str = "relu",
     log: Callable[[str], None] = print,
 ) -> Path:
@@ -320,15 +320,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--n-heldout", type=int, default=500)
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--n-rows", type=int, default=24)
-    ap.add_argument("--n-kernels", type=int, default=10)
-    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--n-kernels", type=int, default=14)
+    ap.add_argument("--width", type=int, default=40)
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--cache", default=".cache/approximator")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--time-limit", type=float, default=None, help="seconds of training")
     ap.add_argument("--state-cap", type=int, default=STATE_CAP)
-    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--lr", type=float, default=4e-3)
     ap.add_argument("--activation", default="relu", choices=["relu", "silu"])
     a = ap.parse_args(argv)
     path = train_approximator(
