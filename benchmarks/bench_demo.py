@@ -37,6 +37,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     models = [m.strip() for m in args.models.split(",")]
+    print(f"torch threads for the fits: {torch.get_num_threads()}")
     start = time.perf_counter()
     raw = datasets.simulate_perturbseq(n_cells=args.cells, n_genes=args.genes, seed=0)
     t_sim = time.perf_counter() - start
@@ -52,7 +53,6 @@ def main() -> None:
         epochs=args.epochs, embedding=args.embedding, quiet=True,
     )
     total = time.perf_counter() - start
-    print(f"torch threads: {torch.get_num_threads()}")
     print(f"data: {raw.n_obs} x {raw.n_vars} -> prepared {adata.n_obs} x {adata.n_vars}")
     print(f"simulate: {t_sim:.1f} s   prepare: {t_prep:.1f} s")
     for key, sec in summary["fit_seconds"].items():

@@ -124,8 +124,11 @@ def run_pipeline(
     posterior-mean kinetic parameters at the reference library in layers
     ``ContrastiveBiVI_<param>``). Returns the metrics dictionary.
     """
+    import torch
+
     from pybivi import report as rep_mod
 
+    threads = torch.get_num_threads()
     out.mkdir(parents=True, exist_ok=True)
     is_ctrl = adata.obs[perturbation_key].astype(str).isin(controls).to_numpy()
     perturbed = ~is_ctrl
@@ -149,6 +152,7 @@ def run_pipeline(
         phase_key=phase_key, perturbed=perturbed, embedding=embedding, intro=intro,
         display=DISPLAY, quiet=quiet,
     )
+    torch.set_num_threads(threads)  # the UMAP embeddings above reset it
     if kinetic is not None and program_key is not None and "simulation" in adata.uns:
         summary["kinetic_recovery"] = rep_mod.add_kinetic_recovery(
             report, adata, program_key, is_ctrl
@@ -180,14 +184,19 @@ def _fit_all(
     epochs: int, batch_size: int, quiet: bool,
 ) -> dict[str, Any]:
     """Fit each model for each seed, store representations, evaluate, save the models."""
+    import torch
     from tqdm.auto import tqdm
 
+    # Other libraries may reset the OpenMP thread count (umap-learn's numba does), which
+    # would undo `pybivi --threads`: re-apply the caller's setting before every fit.
+    threads = torch.get_num_threads()
     perturbed = ~adata.obs[perturbation_key].astype(str).isin(controls).to_numpy()
     rows, purity_rows, seconds, first = [], [], {}, {}
     bar = tqdm([(s, m) for s in range(seeds) for m in models], desc="models", unit="fit",
                disable=quiet)
     for seed, name in bar:
         bar.set_postfix_str(f"{name} seed {seed}")
+        torch.set_num_threads(threads)
         t0 = time.perf_counter()
         model = _fit_one(name, adata, perturbation_key, controls, seed, epochs, batch_size, quiet)
         seconds[f"{name}_seed{seed}"] = round(time.perf_counter() - t0, 1)
