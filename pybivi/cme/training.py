@@ -214,6 +214,7 @@ def train_approximator(
     seed: int = 0,
     n_designs: int = 1024,
     n_heldout: int = 500,
+    n_large_burst: int = 512,
     epochs: int = 100,
     n_rows: int = 24,
     n_kernels: int = 14,
@@ -239,6 +240,9 @@ def train_approximator(
     n_designs, n_heldout
         Training parameter sets and held-out parameter sets (drawn uniformly with a
         different seed) inside the domain.
+    n_large_burst
+        Extra training parameter sets with ``b >= 1`` (Sobol, seed ``seed + 1``): large
+        bursts give the least regular conditionals and the state cap thins them out.
     epochs, n_rows, n_kernels, width, depth, lr, activation
         Training length, nascent rows kept per design, network shape, Adam step size and
         hidden activation (see :class:`~pybivi.cme.approximator.ConditionalNet`).
@@ -272,6 +276,21 @@ def train_approximator(
         workers=workers,
         log=log,
     )
+    if n_large_burst:
+        large_box = {**BOX, "log10_b": (0.0, BOX["log10_b"][1])}
+        extra = design(n_large_burst, seed + 1, box=large_box, cap=state_cap)
+        train = ConditionalSet.concat(
+            [
+                train,
+                build_dataset(
+                    extra,
+                    cache / f"train_s{seed}_large{n_large_burst}_r{n_rows}{tag}",
+                    n_rows,
+                    workers=workers,
+                    log=log,
+                ),
+            ]
+        )
     held_params = design(n_heldout, HELDOUT_SEED, sobol=False, cap=state_cap)
     held = build_dataset(
         held_params,
@@ -293,6 +312,7 @@ def train_approximator(
     meta = {
         "domain": {"box_log10": {k: list(v) for k, v in BOX.items()}, "state_cap": state_cap},
         "n_designs": n_designs,
+        "n_large_burst": n_large_burst,
         "n_conditionals": len(train.cond_n),
         "n_pairs": len(train.values),
         "n_rows_per_design": n_rows,
@@ -318,6 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-designs", type=int, default=1024)
     ap.add_argument("--n-heldout", type=int, default=500)
+    ap.add_argument("--n-large-burst", type=int, default=512)
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--n-rows", type=int, default=24)
     ap.add_argument("--n-kernels", type=int, default=14)
@@ -336,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=a.seed,
         n_designs=a.n_designs,
         n_heldout=a.n_heldout,
+        n_large_burst=a.n_large_burst,
         epochs=a.epochs,
         n_rows=a.n_rows,
         n_kernels=a.n_kernels,
