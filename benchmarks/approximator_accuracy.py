@@ -54,9 +54,10 @@ def main() -> None:
         "biVI box": design(a.n, HELDOUT_SEED + 1, box=BIVI_BOX, sobol=False),
     }
     ours = load_default_approximator()
+    meta = ours.metadata
     print(
-        f"weights trained on {ours.metadata.get('n_designs')} designs, seed "
-        f"{ours.metadata.get('seed')}; held-out seeds {HELDOUT_SEED}, {HELDOUT_SEED + 1}"
+        f"weights trained on {meta.get('n_designs')} + {meta.get('n_large_burst', 0)} (b >= 1) "
+        f"designs, seed {meta.get('seed')}; held-out seeds {HELDOUT_SEED}, {HELDOUT_SEED + 1}"
     )
     header = (
         f"{'set / backend':<22}{'KL med':>11}{'KL p99':>11}{'KL max':>11}"
