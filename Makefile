@@ -24,6 +24,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/pybivi demo --out results/demo
 
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+
 lint: $(STAMP)
 	$(PY) -m ruff check pybivi tests benchmarks tutorials
 
