@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_demo.py [--cells 3000 --genes 800 --epochs 30 --seeds 3]
+    .venv/bin/python benchmarks/bench_demo.py [--cells 3000 --genes 800 --epochs 60 --seeds 3]
         [--models ContrastiveBiVI,BiVI,SCVI,ContrastiveVI] [--out results/bench_demo]
 
 Prints the time of each stage (simulation, preparation, each model's fit) and the
@@ -27,7 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, default=3000)
     parser.add_argument("--genes", type=int, default=800)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--models", default=",".join(pipeline.MODEL_NAMES))
     parser.add_argument("--embedding", default="umap", choices=("umap", "pca"))

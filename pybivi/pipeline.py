@@ -103,7 +103,7 @@ def run_pipeline(
     phase_key: str | None,
     models: Sequence[str] = MODEL_NAMES,
     seeds: int = 1,
-    epochs: int = 30,
+    epochs: int = 60,
     batch_size: int = 128,
     embedding: str = "umap",
     quiet: bool = False,
