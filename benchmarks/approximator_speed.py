@@ -1,6 +1,7 @@
 """Speed of the bursty conditional: forward + backward for 256,000 (n, m) pairs on the CPU.
 
-Usage: ``python benchmarks/approximator_speed.py [--pairs 256000] [--repeats 7] [--threads 2]``.
+Usage: ``python benchmarks/approximator_speed.py [--pairs 256000] [--repeats 7] [--threads 2]
+[--profile]``.
 Prints the median and best time of pybivi's shipped approximator and of biVI's network
 (when ../shared/reference/bivi-approximator-weights.zip is present), measured in the same
 run on the same pairs.
@@ -18,12 +19,27 @@ from approximator_common import BIVI_WEIGHTS, realistic_pairs, time_forward_back
 from pybivi.cme import load_approximator, load_bivi_approximator, load_default_approximator
 
 
+def profile_once(model, pairs: dict[str, torch.Tensor], rows: int = 25) -> None:
+    """Print the operators that dominate one forward + backward pass (after a warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    time_forward_backward(model, pairs, 1)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        time_forward_backward(model, pairs, 1)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--pairs", type=int, default=256_000)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--weights", nargs="*", default=[], help="other weights files to time")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print torch.profiler's top operators (self CPU time) for one pybivi pass",
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     pairs = realistic_pairs(a.pairs, seed=7)
@@ -45,6 +61,8 @@ def main() -> None:
             reps = a.repeats if name == "pybivi" else max(2, a.repeats // 2)
             t = time_forward_backward(model, pairs, reps)
             rows[name] = (float(np.median(t)), float(np.min(t)))
+        if a.profile:
+            profile_once(models["pybivi"], pairs)
     width = max(10, *(len(k) + 2 for k in rows))
     print(f"{'backend':<{width}}{'median s':>10}{'best s':>10}")
     for name, (med, best) in rows.items():
