@@ -429,12 +429,15 @@ class _HeadsMixture(torch.autograd.Function):
         raw_log_r = -2.0 * torch.log(sd) + o[k + 2]
         log_r = raw_log_r.clamp(_LOG_R_MIN, _LOG_R_MAX)
         shared = log_rising_ratio(m, log_r) - torch.lgamma(m + 1.0)
-        e = torch.exp((log_means - log_r).clamp(min=-80.0))
-        t = torch.log1p(e)
         r = torch.exp(log_r)
-        per = logw + m * (log_means - t) - r * t
+        # In-place chains below: the same arithmetic as nb_mixture_log_prob, without a
+        # fresh (K, pairs) buffer per step (these passes are memory-bound).
+        e = torch.sub(log_means, log_r).clamp_(min=-80.0).exp_()
+        t = torch.log1p(e)
+        # (r * t subtracted separately: a fused multiply-add would round differently)
+        per = torch.sub(log_means, t).mul_(m).add_(logw).sub_(r * t)
         top = per.amax(dim=0)
-        q = torch.exp((per - top).clamp(min=-80.0))
+        q = per.sub_(top).clamp_(min=-80.0).exp_()
         total = q.sum(dim=0)
         ctx.save_for_backward(
             *hidden, m, logw, o[k + 1], es, sigma, raw_means, sd, raw_log_r, e, t, q, total
@@ -454,17 +457,19 @@ class _HeadsMixture(torch.autograd.Function):
         log_r = raw_log_r.clamp(_LOG_R_MIN, _LOG_R_MAX)
         r = torch.exp(log_r)
         mr = m + r
-        rho = q / total
-        s = e / (1.0 + e)  # sigmoid(L - log r) = mu / (mu + r)
-        rs = rho * s
-        g_means = (rho * m - rs * mr) * (raw_means <= 30.0)  # the clamp at 30 stops it
+        rho = q.div_(total)  # q is not needed afterwards
+        s = e.div_(e + 1.0)  # sigmoid(L - log r) = mu / (mu + r), in e's buffer
+        rs = s.mul_(rho)
         g_log_r = mr * rs.sum(dim=0) - r * (rho * t).sum(dim=0)
+        g_means = torch.mul(rho, m).addcmul_(rs, mr, value=-1.0)
+        if bool(raw_means.amax() > 30.0):  # the clamp at 30 stops the gradient (rare)
+            g_means.mul_(raw_means <= 30.0)
         g_log_r = g_log_r + _log_rising_ratio_dlogr(m, log_r)
         g_log_r = g_log_r * ((raw_log_r >= _LOG_R_MIN) & (raw_log_r <= _LOG_R_MAX))
         g_centre = g_means.sum(dim=0)
         g_spread = (g_means * net.z[:, None]).sum(dim=0) - g_log_r * (2.0 * net.dz) / sd
         go = torch.empty((k + 3,) + grad.shape, dtype=grad.dtype, device=grad.device)
-        torch.sub(rho, torch.exp(logw), out=go[:k])  # through log_softmax: rho_j - w_j
+        torch.sub(rho, logw.exp_(), out=go[:k])  # through log_softmax: rho_j - w_j
         go[k] = g_centre
         go[k + 1] = g_spread * sigma * es * ((o_spread >= -6.0) & (o_spread <= 3.0))
         go[k + 2] = g_log_r
