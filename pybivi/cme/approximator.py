@@ -49,13 +49,19 @@ import torch
 from torch import Tensor, nn
 
 from pybivi.cme.domain import BOX, STATE_CAP
+from pybivi.cme.mixture import (
+    _LOG_R_MAX,
+    _LOG_R_MIN,
+    _HeadsMixture,
+    _PairwiseLogProb,
+    nb_mixture_log_prob,
+)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "bursty_conditional.pt"
 DEFAULT_METADATA = WEIGHTS_DIR / "bursty_conditional.json"
 
 B_SMALL = 1e-3  # below this burst size the exact small-b limit is used
-_LOG_R_MIN, _LOG_R_MAX = math.log(1e-2), math.log(1e6)
 _SIGMA_MAX = 4.0  # log-scale spread cap: beyond it the lognormal picture is meaningless
 
 
@@ -105,15 +111,6 @@ def nodes(k: int) -> Tensor:
     j = torch.arange(k, dtype=torch.float64)
     q = 0.5 * (1.0 - torch.cos((2.0 * j + 1.0) / (2.0 * k) * math.pi))
     return (math.sqrt(2.0) * torch.erfinv(2.0 * q - 1.0)).float()
-
-
-def _softplus(x: Tensor) -> Tensor:
-    """``log(1 + e^x)`` for ``x <= 80`` (callers guarantee it), without subnormal floats.
-
-    Three vectorised ops; torch's ``softplus`` kernel measured several times slower here.
-    Clamping at -80 changes the value by less than ``e^-80``.
-    """
-    return torch.log1p(torch.exp(x.clamp(min=-80.0)))
 
 
 class ConditionalNet(nn.Module):
@@ -194,46 +191,6 @@ class ConditionalNet(nn.Module):
         log_means = (centre + spread * z).clamp(max=30.0)
         log_r = -2.0 * torch.log(spread * self.dz + 1e-3) + out[k + 2]
         return log_means, logw, log_r.clamp(_LOG_R_MIN, _LOG_R_MAX)
-
-
-def _omega(x: Tensor) -> Tensor:
-    """Stirling remainder ``lgamma(x) - (x - 1/2) log x + x - log(2 pi) / 2`` for ``x >= 8``."""
-    inv = 1.0 / x
-    inv2 = inv * inv
-    return inv * (1.0 / 12.0 - inv2 * (1.0 / 360.0 - inv2 / 1260.0))
-
-
-def log_rising_ratio(m: Tensor, log_r: Tensor) -> Tensor:
-    """``lgamma(m + r) - lgamma(r) - m log r``, accurate in float32 for every ``r``.
-
-    For ``r >= 8`` the Stirling form ``(m + r - 1/2) log1p(m / r) - m + omega(m + r) -
-    omega(r)`` has no cancellation of terms of size ``m log r``; below, lgamma is direct.
-    """
-    r = torch.exp(log_r)
-    big = r >= 8.0
-    rb = torch.where(big, r, torch.full_like(r, 8.0))
-    stirling = (m + rb - 0.5) * torch.log1p(m / rb) - m + _omega(m + rb) - _omega(rb)
-    rs = torch.where(big, torch.ones_like(r), r)
-    direct = torch.lgamma(m + rs) - torch.lgamma(rs) - m * torch.log(rs)
-    return torch.where(big, stirling, direct)
-
-
-def nb_mixture_log_prob(m: Tensor, log_means: Tensor, logw: Tensor, log_r: Tensor) -> Tensor:
-    """``log sum_j w_j NB(m; exp(L_j), r)`` with one shape ``r`` per pair.
-
-    ``log_means`` and ``logw`` have the kernel axis FIRST, ``(K, ...)`` (reductions over a
-    leading axis vectorise over pairs). ``log NB = S(m, r) + m (L_j - t_j) - r t_j -
-    lgamma(m + 1)`` with ``t_j = log(1 + mu_j / r) = softplus(L_j - log r)`` and ``S``
-    from :func:`log_rising_ratio`: only ``S`` and ``lgamma(m + 1)`` need lgamma, once
-    per pair.
-    """
-    shared = log_rising_ratio(m, log_r) - torch.lgamma(m + 1.0)
-    t = _softplus(log_means - log_r)
-    per = logw + m * (log_means - t) - torch.exp(log_r) * t
-    top = per.amax(dim=0).detach()  # a constant shift: no gradient needed through it
-    # Clamping the shifted terms at -80 keeps exp() out of the subnormal range (far slower
-    # on CPUs) and changes the sum by less than K e^-80.
-    return shared + top + torch.log(torch.exp((per - top).clamp(min=-80.0)).sum(dim=0))
 
 
 class BurstyConditional(nn.Module):
@@ -372,165 +329,6 @@ class BurstyConditional(nn.Module):
 
     def forward(self, nascent, mature, b, beta, gamma):  # noqa: D102 - alias for nn.Module use
         return self.log_prob_mature_given_nascent(nascent, mature, b, beta, gamma)
-
-
-def _log_rising_ratio_dlogr(m: Tensor, log_r: Tensor) -> Tensor:
-    """``d/d log r`` of :func:`log_rising_ratio`: ``r (psi(m + r) - psi(r)) - m``.
-
-    For ``r >= 8`` it differentiates the Stirling form term by term (no cancellation of
-    two digammas of size ``log r``), exactly as autograd would; below, digamma directly.
-    """
-    r = torch.exp(log_r)
-    big = r >= 8.0
-    rb = torch.where(big, r, torch.full_like(r, 8.0))
-    mr = m + rb
-
-    def domega(x: Tensor) -> Tensor:  # the derivative of _omega
-        inv2 = 1.0 / (x * x)
-        return inv2 * (-1.0 / 12.0 + inv2 * (1.0 / 120.0 - inv2 / 252.0))
-
-    stirling = rb * (torch.log1p(m / rb) - (mr - 0.5) * m / (rb * mr) + domega(mr) - domega(rb))
-    rs = torch.where(big, torch.ones_like(r), r)
-    direct = rs * (torch.digamma(m + rs) - torch.digamma(rs)) - m
-    return torch.where(big, stirling, direct)
-
-
-class _HeadsMixture(torch.autograd.Function):
-    """:meth:`ConditionalNet.heads` then :func:`nb_mixture_log_prob`, with a closed-form backward.
-
-    Inputs: feature-major MLP inputs ``(7, pairs)``, the moment-matched ``c`` and
-    ``sigma``, the counts ``m``, the net and its frozen ReLU layers; gradients flow to
-    the features, ``c`` and ``sigma``. With ``rho_j`` the kernel responsibilities
-    (softmax of the per-kernel terms ``u_j``) and ``s_j = mu_j / (mu_j + r)``:
-    ``d/dL_j = rho_j (m - (m + r) s_j)``, ``d/dlogit_j = rho_j - w_j`` and
-    ``d/dlog r = sum_j rho_j ((m + r) s_j - r t_j) + dS/dlog r``. The (kernels, pairs)
-    arithmetic is about half of what autograd records for the same forward.
-    """
-
-    @staticmethod
-    def forward(ctx, x, c, sigma, m, net, wb):  # noqa: D102
-        hidden = []
-        h = x
-        n_layers = len(wb) // 2
-        for i in range(n_layers):
-            h = torch.addmm(wb[2 * i + 1], wb[2 * i], h)
-            if i < n_layers - 1:
-                h = h.relu_()
-                hidden.append(h)
-        o = h
-        k = net.z.numel()
-        logw = torch.log_softmax(o[:k], dim=0)
-        es = torch.exp(o[k + 1].clamp(-6.0, 3.0))
-        spread = sigma * es
-        z = net.z[:, None]
-        raw_means = (c + o[k]) + spread * z
-        log_means = raw_means.clamp(max=30.0)
-        sd = spread * net.dz + 1e-3
-        raw_log_r = -2.0 * torch.log(sd) + o[k + 2]
-        log_r = raw_log_r.clamp(_LOG_R_MIN, _LOG_R_MAX)
-        shared = log_rising_ratio(m, log_r) - torch.lgamma(m + 1.0)
-        r = torch.exp(log_r)
-        # In-place chains below: the same arithmetic as nb_mixture_log_prob, without a
-        # fresh (K, pairs) buffer per step (these passes are memory-bound).
-        e = torch.sub(log_means, log_r).clamp_(min=-80.0).exp_()
-        t = torch.log1p(e)
-        # (r * t subtracted separately: a fused multiply-add would round differently)
-        per = torch.sub(log_means, t).mul_(m).add_(logw).sub_(r * t)
-        top = per.amax(dim=0)
-        q = per.sub_(top).clamp_(min=-80.0).exp_()
-        total = q.sum(dim=0)
-        ctx.save_for_backward(
-            *hidden, m, logw, o[k + 1], es, sigma, raw_means, sd, raw_log_r, e, t, q, total
-        )
-        ctx.net, ctx.wb, ctx.n_hidden = net, wb, len(hidden)
-        return shared + top + torch.log(total)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        saved = ctx.saved_tensors
-        hidden = saved[: ctx.n_hidden]
-        m, logw, o_spread, es, sigma, raw_means, sd, raw_log_r, e, t, q, total = saved[
-            ctx.n_hidden :
-        ]
-        net = ctx.net
-        k = net.z.numel()
-        log_r = raw_log_r.clamp(_LOG_R_MIN, _LOG_R_MAX)
-        r = torch.exp(log_r)
-        mr = m + r
-        rho = q.div_(total)  # q is not needed afterwards
-        s = e.div_(e + 1.0)  # sigmoid(L - log r) = mu / (mu + r), in e's buffer
-        rs = s.mul_(rho)
-        g_log_r = mr * rs.sum(dim=0) - r * (rho * t).sum(dim=0)
-        g_means = torch.mul(rho, m).addcmul_(rs, mr, value=-1.0)
-        if bool(raw_means.amax() > 30.0):  # the clamp at 30 stops the gradient (rare)
-            g_means.mul_(raw_means <= 30.0)
-        g_log_r = g_log_r + _log_rising_ratio_dlogr(m, log_r)
-        g_log_r = g_log_r * ((raw_log_r >= _LOG_R_MIN) & (raw_log_r <= _LOG_R_MAX))
-        g_centre = g_means.sum(dim=0)
-        g_spread = (g_means * net.z[:, None]).sum(dim=0) - g_log_r * (2.0 * net.dz) / sd
-        go = torch.empty((k + 3,) + grad.shape, dtype=grad.dtype, device=grad.device)
-        torch.sub(rho, logw.exp_(), out=go[:k])  # through log_softmax: rho_j - w_j
-        go[k] = g_centre
-        go[k + 1] = g_spread * sigma * es * ((o_spread >= -6.0) & (o_spread <= 3.0))
-        go[k + 2] = g_log_r
-        go *= grad
-        g = go
-        weights = ctx.wb[0::2]
-        for i in range(len(weights) - 1, 0, -1):
-            g = torch.ops.aten.threshold_backward(weights[i].t() @ g, hidden[i - 1], 0.0)
-        g_x = weights[0].t() @ g
-        return g_x, g_centre * grad, g_spread * es * grad, None, None, None
-
-
-# Pairs per block: each block's temporaries ((K, pairs) kernel terms, (width, pairs)
-# activations) stay within the CPU caches while per-op dispatch costs stay small;
-# 16384 measured fastest of 2048 to 32768 at one thread (forward + backward).
-_BLOCK = 16384
-
-
-class _PairwiseLogProb(torch.autograd.Function):
-    """``log Phat(m | n)`` over 1-D pairs, evaluated in blocks, with a diagonal Jacobian.
-
-    Each output depends only on its own pair's ``(b, beta, gamma)``, so the gradient of
-    the block's *sum* is the vector of per-pair partial derivatives. The forward pass
-    computes them block by block (a small local autograd graph that dies with the
-    block) and the backward pass is three multiplications. Double backward is not
-    supported (nothing in pybivi needs it).
-    """
-
-    @staticmethod
-    def forward(ctx, model, n, m, b, beta, gamma):  # noqa: D102
-        want = tuple(ctx.needs_input_grad[3:6])
-        out = torch.empty_like(b)
-        derivs = [torch.empty_like(b) if w else None for w in want]
-        for i in range(0, b.numel(), _BLOCK):
-            sl = slice(i, i + _BLOCK)
-            args = [t[sl] for t in (n, m, b, beta, gamma)]
-            if not any(want):
-                out[sl] = model._pairs_log_prob(*args)
-                continue
-            with torch.enable_grad():
-                leaves = [a.detach().requires_grad_(w) for a, w in zip(args[2:], want, strict=True)]
-                val = model._pairs_log_prob(*args[:2], *leaves)
-                inputs = [x for x, w in zip(leaves, want, strict=True) if w]
-                grads = iter(torch.autograd.grad(val.sum(), inputs, allow_unused=True))
-            out[sl] = val.detach()
-            for d, w in zip(derivs, want, strict=True):
-                if w:
-                    g = next(grads)
-                    if g is None:  # the value does not depend on this input here
-                        d[sl] = 0.0
-                    else:
-                        d[sl] = g
-        ctx.save_for_backward(*(d for d in derivs if d is not None))
-        ctx.want = want
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
-        saved = iter(ctx.saved_tensors)
-        grads = [grad_out * next(saved) if w else None for w in ctx.want]
-        return (None, None, None, *grads)
 
 
 def sha256_of(path: Path) -> str:
