@@ -491,23 +491,13 @@ def _mature_counts(model: Any):
     x = adata.X if reg.mature_layer is None else adata.layers[reg.mature_layer]
     return x.tocsr() if hasattr(x, "tocsr") else np.asarray(x)
 
+
 # The figure-3 tables, plots and the ground-truth scores live in pybivi.de_report (it builds
 # on the tests above); they stay reachable as pybivi.de.<name> for convenience.
-_REPORT_NAMES = (
-    "truth_scores",
-    "compensatory_summary",
-    "call_counts",
-    "overlap_table",
-    "plot_call_counts",
-    "plot_overlap",
-    "plot_posterior_densities",
-    "figure3",
-)
-
-
 def __getattr__(name: str) -> Any:
-    if name in _REPORT_NAMES:
+    if not name.startswith("_"):
         from pybivi import de_report
 
-        return getattr(de_report, name)
+        if name in de_report.__all__:
+            return getattr(de_report, name)
     raise AttributeError(f"module 'pybivi.de' has no attribute {name!r}")
