@@ -169,3 +169,27 @@ def test_read_h5ad_and_layer_aliases(tmp_path, screen):
     with pytest.raises(ValueError, match="no 'unspliced' layer"):
         datasets.read(tmp_path / "nou.h5ad")
     assert isinstance(r, ad.AnnData)
+
+
+def test_read_velocyto_style_loom(tmp_path):
+    """A loom as velocyto writes it (genes x cells, ``Gene``/``CellID`` attributes) reads back
+    with the same counts, names and layers."""
+    loompy = pytest.importorskip("loompy")
+    rng = np.random.default_rng(0)
+    spliced = rng.poisson(3.0, (6, 4))  # genes x cells, as loom stores them
+    unspliced = rng.poisson(1.0, (6, 4))
+    genes = [f"Gene{i}" for i in range(6)]
+    cells = [f"sample:cell{j}" for j in range(4)]
+    path = tmp_path / "velocyto.loom"
+    loompy.create(
+        str(path),
+        {"": spliced + unspliced, "spliced": spliced, "unspliced": unspliced},
+        row_attrs={"Gene": np.array(genes)},
+        col_attrs={"CellID": np.array(cells)},
+    )
+    adata = datasets.read(path)
+    assert list(adata.obs_names) == cells and list(adata.var_names) == genes
+    for layer, expected in (("spliced", spliced), ("unspliced", unspliced)):
+        got = adata.layers[layer]
+        got = got.toarray() if hasattr(got, "toarray") else np.asarray(got)
+        np.testing.assert_array_equal(got, expected.T)
