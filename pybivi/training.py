@@ -19,6 +19,8 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
+from pybivi._allocator import tune_allocator
+
 
 def kl_schedule(step: int, warmup_steps: int, min_weight: float = 1e-3) -> float:
     """Linear KL weight: ``min_weight`` at step 0, 1 after ``warmup_steps`` steps."""
@@ -107,6 +109,7 @@ def fit(
         negative ELBO per cell), ``kl_weight`` and ``validation_loss`` (NaN without
         validation cells).
     """
+    tune_allocator()  # minibatch temporaries churn glibc's mmap otherwise (see its docs)
     elbo = TraceMeanField_ELBO(num_particles=1)
     optimizer = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
     warmup_steps = int(round(kl_warmup_epochs * n_batches))
