@@ -46,9 +46,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--bivi-float32", action="store_true", help="also score biVI in float32")
-    ap.add_argument(
-        "--only", choices=("domain", "biVI box"), help="score only this held-out set"
-    )
+    ap.add_argument("--only", choices=("domain", "biVI box"), help="score only this held-out set")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     cache = Path(a.cache)
