@@ -140,11 +140,13 @@ class ContrastiveModule(nn.Module):
         self.pyro_name = f"pybivi_{uuid.uuid4().hex[:8]}"
 
     def _apply(self, fn, *args, **kwargs):
-        # .to()/.cuda()/.cpu() end here: also move a scheme backend that holds tensors (the
-        # frozen bursty network is not a submodule: it must not be trained or saved with us).
+        # .to()/.cuda()/.cpu() end here: also move a user's scheme backend that holds tensors
+        # (a backend is not a submodule: it must not be trained or saved with us). The
+        # shipped bursty approximator is shared by every model and follows its inputs'
+        # device by itself, so it is left where it is.
         out = super()._apply(fn, *args, **kwargs)
         backend = getattr(self.scheme, "backend", None)
-        if isinstance(backend, nn.Module):
+        if isinstance(backend, nn.Module) and not getattr(backend, "follows_input_device", False):
             backend.to(self.log_theta.device)
         return out
 

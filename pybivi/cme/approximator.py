@@ -42,6 +42,7 @@ import hashlib
 import json
 import math
 import warnings
+from copy import deepcopy as copy_module
 from functools import lru_cache
 from pathlib import Path
 
@@ -196,7 +197,9 @@ class ConditionalNet(nn.Module):
 class BurstyConditional(nn.Module):
     """Frozen approximation of the bursty ``log P(m | n)`` (see the module docstring).
 
-    Use :func:`load_default_approximator` rather than constructing it directly.
+    Use :func:`load_default_approximator` rather than constructing it directly. The
+    object follows its inputs' device: called with CUDA tensors it uses a copy of itself
+    on that device, made once, so one shared instance serves models on any device.
 
     Parameters
     ----------
@@ -208,6 +211,8 @@ class BurstyConditional(nn.Module):
         Arithmetic precision: ``torch.float32`` (default, fast) or ``torch.float64``
         (slower; removes float32 rounding of about ``1e-7 m log m`` at large counts).
     """
+
+    follows_input_device = True  # see _for_device; models do not move it with .to()
 
     def __init__(
         self,
@@ -221,6 +226,8 @@ class BurstyConditional(nn.Module):
         self.metadata = dict(metadata or {})
         self.outside_count = 0
         self._warned = False
+        # Copies on other devices, made on first use there (see _for_device).
+        self._device_copies: dict[torch.device, BurstyConditional] = {}
         lo, hi = _box_tensor()
         self.register_buffer("box_lo", lo.to(compute_dtype))
         self.register_buffer("box_hi", hi.to(compute_dtype))
@@ -238,6 +245,23 @@ class BurstyConditional(nn.Module):
             "outside": "b < small_b: Poisson(b / gamma) independent of n; otherwise MLP inputs "
             "clamped to the box and n <= state_cap, kernels at the pair's own moments",
         }
+
+    def _for_device(self, device: torch.device) -> BurstyConditional:
+        """This approximator with its tensors on ``device``: itself, or a cached copy.
+
+        The default approximator is one object per process, shared by every model and
+        distribution; following the inputs' device (instead of being moved by ``.to``)
+        lets a model on a GPU and another on the CPU use it at the same time.
+        """
+        device = torch.device(device)
+        if self.box_lo.device == device:
+            return self
+        if device not in self._device_copies:
+            copy = BurstyConditional(copy_module(self.net), self.metadata, self.compute_dtype).to(
+                device
+            )
+            self._device_copies[device] = copy.eval()
+        return self._device_copies[device]
 
     def _outside(self, n: Tensor, b: Tensor, beta: Tensor, gamma: Tensor, logs: Tensor) -> Tensor:
         out = ((logs < self.box_lo) | (logs > self.box_hi)).any(dim=-1)
@@ -275,9 +299,10 @@ class BurstyConditional(nn.Module):
             *(torch.as_tensor(t) for t in (nascent, mature, b, beta, gamma))
         )
         n, m, b, beta, gamma = (t.to(self.compute_dtype) for t in ts)
+        impl = self._for_device(b.device)
         with torch.no_grad():  # bookkeeping only: no graph for it
             logs = torch.stack([torch.log(b), torch.log(beta), torch.log(gamma)], dim=-1)
-            outside = self._outside(n, b, beta, gamma, logs)
+            outside = impl._outside(n, b, beta, gamma, logs)
             small = b < B_SMALL
             n_out = int(outside.sum())
         if n_out:
@@ -294,7 +319,7 @@ class BurstyConditional(nn.Module):
                 )
         shape = n.shape
         out = _PairwiseLogProb.apply(
-            self, *(t.reshape(-1) for t in (n, m, b, beta, gamma))
+            impl, *(t.reshape(-1) for t in (n, m, b, beta, gamma))
         ).reshape(shape)
         return out.to(dtype)
 
