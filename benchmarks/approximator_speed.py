@@ -1,7 +1,7 @@
 """Speed of the bursty conditional: forward + backward for 256,000 (n, m) pairs on the CPU.
 
 Usage: ``python benchmarks/approximator_speed.py [--pairs 256000] [--repeats 7] [--threads 2]
-[--profile]``.
+[--profile] [--default-allocator]``.
 Prints the median and best time of pybivi's shipped approximator and of biVI's network
 (when ../shared/reference/bivi-approximator-weights.zip is present), measured in the same
 run on the same pairs.
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from approximator_common import BIVI_WEIGHTS, realistic_pairs, time_forward_backward
 
+from pybivi._allocator import tune_allocator
 from pybivi.cme import load_approximator, load_bivi_approximator, load_default_approximator
 
 
@@ -40,8 +41,15 @@ def main() -> None:
         action="store_true",
         help="also print torch.profiler's top operators (self CPU time) for one pybivi pass",
     )
+    ap.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc's allocator settings alone (pybivi's training tunes them)",
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if not a.default_allocator:
+        tune_allocator()  # as pybivi's training does (pybivi/_allocator.py); both backends gain
     pairs = realistic_pairs(a.pairs, seed=7)
     print(
         f"{a.pairs} pairs, torch threads {a.threads}; n: median {pairs['n'].median():.0f}, "
