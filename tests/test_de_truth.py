@@ -54,3 +54,21 @@ def test_truth_scores_at_mean_strength(sim):
     assert unit.loc["burst_size", "recall"] == pytest.approx(called.sum() / np.sum(change >= 1))
     with pytest.raises(ValueError, match="strength"):
         de.truth_scores(table, sim, strength="median")
+
+
+def test_recall_strong_counts_only_large_changes(sim):
+    s = de.program_strengths(sim)["program2"]
+    size = np.maximum(np.abs(sim.varm["log2_b_change"][:, 1]),
+                      np.abs(sim.varm["log2_gamma_change"][:, 1])) * s
+    # Call only the genes changing >= 2^1.5 (b for some, gamma/k for the others).
+    strong = size >= 1.5
+    table = pd.DataFrame(
+        {"group": "program2", "burst_size_is_de": strong & (np.arange(sim.n_vars) % 2 == 0),
+         "degradation_rate_is_de": strong & (np.arange(sim.n_vars) % 2 == 1)},
+        index=pd.Index(sim.var_names, name="gene"),
+    )
+    row = de.truth_scores(table, sim, strength="mean").set_index("target").loc["any"]
+    assert row["n_true_strong"] == strong.sum() and row["n_true"] == np.sum(size >= 1)
+    if strong.any():
+        assert row["recall_strong"] == 1.0
+    assert row["recall"] == pytest.approx(strong.sum() / np.sum(size >= 1))
