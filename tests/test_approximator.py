@@ -205,11 +205,16 @@ def test_training_runs_end_to_end_on_a_tiny_design(tmp_path):
         workers=1,
         threads=1,
         state_cap=48,
+        pairs_per_batch=64,
+        hard_power=0.5,
         log=lambda s: None,
     )
     loaded = load_approximator(path)
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["n_designs"] == 4 and meta["seed"] == 3 and meta["domain"]["state_cap"] == 48
+    assert meta["pairs_per_batch"] == 64 and meta["hard_power"] == 0.5
+    # the recorded command line passes the options that produced the file
+    assert "--state-cap 48" in meta["command"] and "--hard-power 0.5" in meta["command"]
     assert np.isfinite(meta["heldout"]["kl_median"])
     out = loaded.log_prob_mature_given_nascent(
         torch.tensor(1.0),
@@ -219,6 +224,17 @@ def test_training_runs_end_to_end_on_a_tiny_design(tmp_path):
         torch.tensor(1.0),
     )
     assert torch.isfinite(out)
+
+
+def test_hardness_weights_have_mean_one_and_respect_the_cap():
+    from pybivi.cme.training import _hardness_weights
+
+    kl = torch.tensor([1e-9, 1e-5, 1e-4, 1e-3, 1e-1], dtype=torch.float64)
+    w = _hardness_weights(kl, 1.0, 10.0)
+    assert abs(float(w.mean()) - 1.0) < 1e-6
+    assert torch.all(w[1:] >= w[:-1])  # harder designs never weigh less
+    assert float(w.max() / w.min()) <= 100.0 * (1 + 1e-6)  # clipped to [1/cap, cap]
+    assert torch.allclose(_hardness_weights(kl, 0.0, 10.0), torch.ones(5))
 
 
 @pytest.mark.shared
@@ -312,11 +328,14 @@ def test_fast_path_matches_the_autograd_reference(compute_dtype):
                 for gf, gr in zip(g_fast, g_ref, strict=True):
                     torch.testing.assert_close(gf, gr, rtol=1e-4, atol=1e-6)
                 continue
-            if max_count <= 40:  # in-domain third: well-conditioned gradients
-                for gf, gr in zip(g_fast, g_ref, strict=True):
-                    k = len(gf) // 3
-                    torch.testing.assert_close(gf[:k], gr[:k], rtol=1e-4, atol=1e-3)
             _, g_exact = _value_and_grads(exact_fn, n, m, params)
+            if max_count <= 40:  # in-domain third: well-conditioned gradients
+                for gf, gr, ge in zip(g_fast, g_ref, g_exact, strict=True):
+                    k = len(gf) // 3
+                    # close to the float32 reference, or closer to float64 than the 1e-3
+                    # floor where the reference's own rounding is what differs
+                    err = torch.minimum((gf[:k] - gr[:k]).abs(), (gf[:k] - ge[:k]).abs())
+                    assert bool((err <= 1e-3 + 1e-4 * gr[:k].abs()).all())
             for gf, gr, ge in zip(g_fast, g_ref, g_exact, strict=True):
                 # float32 rounding noise, so compared as distributions: the median and 99th
                 # percentile of the relative error, and its maximum (off the domain)

@@ -129,16 +129,24 @@ def fit(
     cs: ConditionalSet,
     epochs: int,
     lr: float = 3e-3,
-    pairs_per_batch: int = 1 << 16,
+    pairs_per_batch: int = 1 << 14,
     seed: int = 0,
     log: Callable[[str], None] = print,
     time_limit: float | None = None,
+    hard_power: float = 0.0,
+    hard_cap: float = 10.0,
 ) -> list[float]:
-    """Adam on the weighted conditional KL; returns the mean loss of each epoch.
+    """Adam on the weighted conditional KL; returns the mean joint KL of each epoch.
 
     Conditionals are shuffled once and cut into contiguous batches of about
     ``pairs_per_batch`` (n, m) pairs; the batch order is reshuffled every epoch. The
     learning rate follows a cosine from ``lr`` to ``lr / 30``.
+
+    With ``hard_power > 0`` the loss weights each design by ``(KL_d / mean KL)**hard_power``
+    (normalised to mean 1, clipped to ``[1 / hard_cap, hard_cap]`` before normalising),
+    where ``KL_d`` is the design's joint KL accumulated over the previous epoch (the first
+    epoch is unweighted): capacity moves from easy designs, far below the accuracy
+    targets, to the hard large-burst ones. The returned history stays unweighted.
     """
     gen = torch.Generator().manual_seed(seed)
     t = _pair_tensors(cs)
@@ -152,6 +160,7 @@ def fit(
     new_cond = torch.repeat_interleave(torch.arange(n_cond), lens)
     m_all, logp_all, p_all = t["m"][pair_order], t["logp"][pair_order], t["p"][pair_order]
     cond = {k: t[k][perm] for k in ("n", "b", "beta", "gamma", "w")}
+    cond_design = torch.from_numpy(cs.cond_design)[perm]
     cum = torch.cumsum(lens, 0)
     bounds = [0]
     while bounds[-1] < n_cond:
@@ -167,9 +176,10 @@ def fit(
         lambda s: (1 + 29 * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))) / 30,
     )
     history, t0 = [], time.time()
+    design_weight = torch.ones(n_designs)
     for epoch in range(epochs):
         order = torch.randperm(len(batches), generator=gen).tolist()
-        total = 0.0
+        kl_design = torch.zeros(n_designs, dtype=torch.float64)
         for bi in order:
             c0, c1 = batches[bi]
             p0 = int(cum[c0 - 1]) if c0 else 0
@@ -185,18 +195,33 @@ def fit(
                 m_all[p0:p1],
             )
             wp = (cond["w"][c0:c1][pc] * p_all[p0:p1]).float()
-            loss = (wp * (logp_all[p0:p1].float() - logq)).sum() / n_designs
+            terms = wp * (logp_all[p0:p1].float() - logq)
+            pair_design = cond_design[c0:c1][pc]
+            if hard_power > 0.0:
+                loss = (terms * design_weight[pair_design]).sum() / n_designs
+            else:
+                loss = terms.sum() / n_designs
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss.detach())
+            kl_design.index_add_(0, pair_design, terms.detach().double())
+        total = float(kl_design.sum()) / n_designs
         history.append(total)
+        if hard_power > 0.0:
+            design_weight = _hardness_weights(kl_design, hard_power, hard_cap)
         log(f"epoch {epoch + 1}/{epochs}: mean joint KL {total:.3e} ({time.time() - t0:.0f} s)")
         if time_limit is not None and time.time() - t0 > time_limit:
             log("time limit reached; stopping")
             break
     return history
+
+
+def _hardness_weights(kl_design: torch.Tensor, power: float, cap: float) -> torch.Tensor:
+    """Design weights ``(KL_d / mean)**power``, clipped to ``[1/cap, cap]``, mean 1 (float32)."""
+    rel = kl_design.clamp(min=0.0) / kl_design.clamp(min=0.0).mean().clamp(min=1e-300)
+    w = rel.clamp(min=1e-30).pow(power).clamp(1.0 / cap, cap)
+    return (w / w.mean()).float()
 
 
 def _net_log_prob(net: ConditionalNet) -> LogProbFn:
@@ -209,13 +234,24 @@ def _net_log_prob(net: ConditionalNet) -> LogProbFn:
     return f
 
 
+def training_command(**options) -> str:
+    """The ``pybivi approximator train`` command line that passes these options.
+
+    ``--out`` is left out (the default writes the shipped folder) and so are options set
+    to ``None``; every other option is spelled out, so the line recorded in a weights
+    file's metadata does not depend on the defaults of the version that reads it.
+    """
+    args = [f"--{k.replace('_', '-')} {v}" for k, v in options.items() if v is not None]
+    return " ".join(["pybivi approximator train", *args])
+
+
 def train_approximator(
     out_dir: str | Path,
     seed: int = 0,
     n_designs: int = 1024,
     n_heldout: int = 500,
     n_large_burst: int = 512,
-    epochs: int = 100,
+    epochs: int = 200,
     n_rows: int = 24,
     n_kernels: int = 14,
     width: int = 40,
@@ -225,8 +261,12 @@ def train_approximator(
     threads: int = 1,
     time_limit: float | None = None,
     state_cap: int = STATE_CAP,
-    lr: float = 4e-3,
+    lr: float = 3e-3,
     activation: str = "relu",
+    pairs_per_batch: int = 1 << 14,
+    hard_power: float = 0.0,
+    hard_cap: float = 10.0,
+    n_large_rows: int | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Regenerate the approximator weights from scratch: exact data, training, scoring.
@@ -256,6 +296,16 @@ def train_approximator(
     state_cap
         State cap of the domain (see :mod:`pybivi.cme.domain`); smaller values give a
         quick toy run.
+    pairs_per_batch
+        About this many (n, m) pairs per Adam step (smaller: more steps per epoch at
+        about the same cost per epoch).
+    hard_power, hard_cap
+        Weight each design's KL in the loss by ``(KL_d / mean KL)**hard_power`` from the
+        previous epoch, clipped to ``[1 / hard_cap, hard_cap]`` (see :func:`fit`); 0 is
+        the plain mean joint KL.
+    n_large_rows
+        Nascent rows kept per ``b >= 1`` design (default ``n_rows``): their conditionals
+        change fastest with ``n``.
 
     Returns
     -------
@@ -264,6 +314,28 @@ def train_approximator(
         time, held-out metrics and the SHA-256.
     """
     t0 = time.time()
+    command = training_command(
+        seed=seed,
+        n_designs=n_designs,
+        n_heldout=n_heldout,
+        n_large_burst=n_large_burst,
+        epochs=epochs,
+        n_rows=n_rows,
+        n_kernels=n_kernels,
+        width=width,
+        depth=depth,
+        cache=cache_dir,
+        workers=workers,
+        threads=threads,
+        time_limit=time_limit,
+        state_cap=state_cap,
+        lr=lr,
+        activation=activation,
+        pairs_per_batch=pairs_per_batch,
+        hard_power=hard_power,
+        hard_cap=hard_cap,
+        n_large_rows=n_large_rows,
+    )
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     cache = Path(cache_dir)
@@ -276,6 +348,7 @@ def train_approximator(
         workers=workers,
         log=log,
     )
+    large_rows = n_rows if n_large_rows is None else n_large_rows
     if n_large_burst:
         large_box = {**BOX, "log10_b": (0.0, BOX["log10_b"][1])}
         extra = design(n_large_burst, seed + 1, box=large_box, cap=state_cap)
@@ -284,8 +357,8 @@ def train_approximator(
                 train,
                 build_dataset(
                     extra,
-                    cache / f"train_s{seed}_large{n_large_burst}_r{n_rows}{tag}",
-                    n_rows,
+                    cache / f"train_s{seed}_large{n_large_burst}_r{large_rows}{tag}",
+                    large_rows,
                     workers=workers,
                     log=log,
                 ),
@@ -305,7 +378,18 @@ def train_approximator(
         f"({time.time() - t0:.0f} s)"
     )
     net = ConditionalNet(n_kernels=n_kernels, width=width, depth=depth, activation=activation)
-    history = fit(net, train, epochs, lr=lr, seed=seed, log=log, time_limit=time_limit)
+    history = fit(
+        net,
+        train,
+        epochs,
+        lr=lr,
+        pairs_per_batch=pairs_per_batch,
+        seed=seed,
+        log=log,
+        time_limit=time_limit,
+        hard_power=hard_power,
+        hard_cap=hard_cap,
+    )
     net.eval()
     metrics = summarize(score(_net_log_prob(net), held))
     log("held-out: " + json.dumps(metrics))
@@ -316,6 +400,10 @@ def train_approximator(
         "n_conditionals": len(train.cond_n),
         "n_pairs": len(train.values),
         "n_rows_per_design": n_rows,
+        "n_rows_per_large_burst_design": large_rows,
+        "pairs_per_batch": pairs_per_batch,
+        "hard_power": hard_power,
+        "hard_cap": hard_cap,
         "seed": seed,
         "heldout_seed": HELDOUT_SEED,
         "epochs_run": len(history),
@@ -325,6 +413,7 @@ def train_approximator(
         "wall_time_s": round(time.time() - t0, 1),
         "heldout": metrics,
         "torch_version": torch.__version__,
+        "command": command,
     }
     path = save_approximator(net, Path(out_dir), meta)
     load_approximator(path)  # the written file must load and match its checksum
@@ -339,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--n-designs", type=int, default=1024)
     ap.add_argument("--n-heldout", type=int, default=500)
     ap.add_argument("--n-large-burst", type=int, default=512)
-    ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--n-rows", type=int, default=24)
     ap.add_argument("--n-kernels", type=int, default=14)
     ap.add_argument("--width", type=int, default=40)
@@ -349,8 +438,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--time-limit", type=float, default=None, help="seconds of training")
     ap.add_argument("--state-cap", type=int, default=STATE_CAP)
-    ap.add_argument("--lr", type=float, default=4e-3)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--activation", default="relu", choices=["relu", "silu"])
+    ap.add_argument(
+        "--pairs-per-batch", type=int, default=1 << 14, help="(n, m) pairs per Adam step"
+    )
+    ap.add_argument(
+        "--hard-power",
+        type=float,
+        default=0.0,
+        help="weight designs by (KL_d / mean KL)**power of the previous epoch (0: off)",
+    )
+    ap.add_argument("--hard-cap", type=float, default=10.0, help="clip of the design weights")
+    ap.add_argument("--n-large-rows", type=int, default=None, help="nascent rows per b >= 1 design")
     a = ap.parse_args(argv)
     path = train_approximator(
         a.out,
@@ -370,6 +470,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         state_cap=a.state_cap,
         lr=a.lr,
         activation=a.activation,
+        pairs_per_batch=a.pairs_per_batch,
+        hard_power=a.hard_power,
+        hard_cap=a.hard_cap,
+        n_large_rows=a.n_large_rows,
         log=lambda s: print(s, flush=True),
     )
     print(f"wrote {path}")
