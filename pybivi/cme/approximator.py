@@ -328,19 +328,33 @@ class BurstyConditional(nn.Module):
         layers = [mod for mod in self.net.mlp if isinstance(mod, nn.Linear)]
         return [t for lin in layers for t in (lin.weight.detach(), lin.bias.detach()[:, None])]
 
-    def _pairs_log_prob(self, n: Tensor, m: Tensor, b: Tensor, beta: Tensor, gamma: Tensor):
-        """``log Phat(m | n)`` for one block of pairs (1-D tensors in ``compute_dtype``).
+    @property
+    def fused_relu(self) -> bool:
+        """Whether the closed-form network backward applies (ReLU hidden layers)."""
+        return isinstance(self.net.mlp[1], nn.ReLU)
 
-        The plain autograd-traceable computation; :class:`_PairwiseLogProb` runs it on
-        cache-sized blocks and differentiates it block by block.
-        """
+    small_burst = B_SMALL
+
+    def _network_inputs(
+        self, n: Tensor, b: Tensor, beta: Tensor, gamma: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """MLP inputs ``(pairs, 7)`` and the moment match ``(c, sigma)``, differentiable."""
         lo, hi = self.box_lo, self.box_hi
         lb = torch.log(b).clamp(lo[0], hi[0])
         lbeta = torch.log(beta).clamp(lo[1], hi[1])
         lgam = torch.log(gamma).clamp(lo[2], hi[2])
         c, sigma = moment_base(n, b, beta, gamma)
         feats = self.net.features(n.clamp(max=STATE_CAP), lb, lbeta, lgam, c, sigma)
-        if isinstance(self.net.mlp[1], nn.ReLU):  # the fused path assumes ReLU layers
+        return feats, c, sigma
+
+    def _pairs_log_prob(self, n: Tensor, m: Tensor, b: Tensor, beta: Tensor, gamma: Tensor):
+        """``log Phat(m | n)`` for one block of pairs (1-D tensors in ``compute_dtype``).
+
+        The plain autograd-traceable computation; :class:`_PairwiseLogProb` runs it on
+        cache-sized blocks when no gradient is needed or the network is not ReLU.
+        """
+        feats, c, sigma = self._network_inputs(n, b, beta, gamma)
+        if self.fused_relu:
             out = _HeadsMixture.apply(feats.t(), c, sigma, m, self.net, self._mlp_weights())
         else:
             log_means, logw, log_r = self.net.heads(feats, c, sigma)

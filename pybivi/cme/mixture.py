@@ -19,6 +19,7 @@ from torch import Tensor
 # Bounds of the shared NB shape r (log scale): the network's output is clamped to them.
 _LOG_R_MIN, _LOG_R_MAX = math.log(1e-2), math.log(1e6)
 
+
 def _softplus(x: Tensor) -> Tensor:
     """``log(1 + e^x)`` for ``x <= 80`` (callers guarantee it), without subnormal floats.
 
@@ -89,91 +90,106 @@ def _log_rising_ratio_dlogr(m: Tensor, log_r: Tensor) -> Tensor:
     return torch.where(big, stirling, direct)
 
 
-class _HeadsMixture(torch.autograd.Function):
-    """:meth:`ConditionalNet.heads` then :func:`nb_mixture_log_prob`, with a closed-form backward.
+def heads_mixture_forward(x, c, sigma, m, net, wb) -> tuple[Tensor, tuple]:
+    """:meth:`ConditionalNet.heads` then :func:`nb_mixture_log_prob` for one block of pairs.
 
     Inputs: feature-major MLP inputs ``(7, pairs)``, the moment-matched ``c`` and
-    ``sigma``, the counts ``m``, the net and its frozen ReLU layers; gradients flow to
-    the features, ``c`` and ``sigma``. With ``rho_j`` the kernel responsibilities
-    (softmax of the per-kernel terms ``u_j``) and ``s_j = mu_j / (mu_j + r)``:
-    ``d/dL_j = rho_j (m - (m + r) s_j)``, ``d/dlogit_j = rho_j - w_j`` and
-    ``d/dlog r = sum_j rho_j ((m + r) s_j - r t_j) + dS/dlog r``. The (kernels, pairs)
-    arithmetic is about half of what autograd records for the same forward.
+    ``sigma``, the counts ``m``, the net and its frozen ReLU layers (see
+    ``BurstyConditional._mlp_weights``). Returns the log-probabilities and the state
+    :func:`heads_mixture_backward` needs. Call it without gradient recording (it works
+    in place on its temporaries).
     """
+    hidden = []
+    h = x
+    n_layers = len(wb) // 2
+    for i in range(n_layers):
+        h = torch.addmm(wb[2 * i + 1], wb[2 * i], h)
+        if i < n_layers - 1:
+            h = h.relu_()
+            hidden.append(h)
+    o = h
+    k = net.z.numel()
+    logw = torch.log_softmax(o[:k], dim=0)
+    es = torch.exp(o[k + 1].clamp(-6.0, 3.0))
+    spread = sigma * es
+    z = net.z[:, None]
+    raw_means = (c + o[k]) + spread * z
+    log_means = raw_means.clamp(max=30.0)
+    sd = spread * net.dz + 1e-3
+    raw_log_r = -2.0 * torch.log(sd) + o[k + 2]
+    log_r = raw_log_r.clamp(_LOG_R_MIN, _LOG_R_MAX)
+    shared = log_rising_ratio(m, log_r) - torch.lgamma(m + 1.0)
+    r = torch.exp(log_r)
+    # In-place chains below: the same arithmetic as nb_mixture_log_prob, without a
+    # fresh (K, pairs) buffer per step (these passes are memory-bound).
+    e = torch.sub(log_means, log_r).clamp_(min=-80.0).exp_()
+    t = torch.log1p(e)
+    # (r * t subtracted separately: a fused multiply-add would round differently)
+    per = torch.sub(log_means, t).mul_(m).add_(logw).sub_(r * t)
+    top = per.amax(dim=0)
+    q = per.sub_(top).clamp_(min=-80.0).exp_()
+    total = q.sum(dim=0)
+    saved = (m, logw, o[k + 1], es, sigma, raw_means, sd, raw_log_r, e, t, q, total)
+    return shared + top + torch.log(total), (hidden, saved, net, wb)
+
+
+def heads_mixture_backward(state: tuple, grad: Tensor | None = None) -> tuple[Tensor, ...]:
+    """Closed-form gradients of :func:`heads_mixture_forward`'s output.
+
+    With ``rho_j`` the kernel responsibilities (softmax of the per-kernel terms ``u_j``)
+    and ``s_j = mu_j / (mu_j + r)``: ``d/dL_j = rho_j (m - (m + r) s_j)``,
+    ``d/dlogit_j = rho_j - w_j`` and ``d/dlog r = sum_j rho_j ((m + r) s_j - r t_j) +
+    dS/dlog r``. The (kernels, pairs) arithmetic is about half of what autograd records
+    for the same forward. Returns ``(d/dx, d/dc, d/dsigma)`` of ``sum(grad * out)``
+    (``grad = None``: all ones). The state's buffers are reused: call it once.
+    """
+    hidden, saved, net, wb = state
+    m, logw, o_spread, es, sigma, raw_means, sd, raw_log_r, e, t, q, total = saved
+    k = net.z.numel()
+    log_r = raw_log_r.clamp(_LOG_R_MIN, _LOG_R_MAX)
+    r = torch.exp(log_r)
+    mr = m + r
+    rho = q.div_(total)  # q is not needed afterwards
+    s = e.div_(e + 1.0)  # sigmoid(L - log r) = mu / (mu + r), in e's buffer
+    rs = s.mul_(rho)
+    g_log_r = mr * rs.sum(dim=0) - r * (rho * t).sum(dim=0)
+    g_means = torch.mul(rho, m).addcmul_(rs, mr, value=-1.0)
+    if bool(raw_means.amax() > 30.0):  # the clamp at 30 stops the gradient (rare)
+        g_means.mul_(raw_means <= 30.0)
+    g_log_r = g_log_r + _log_rising_ratio_dlogr(m, log_r)
+    g_log_r = g_log_r * ((raw_log_r >= _LOG_R_MIN) & (raw_log_r <= _LOG_R_MAX))
+    g_centre = g_means.sum(dim=0)
+    g_spread = (g_means * net.z[:, None]).sum(dim=0) - g_log_r * (2.0 * net.dz) / sd
+    go = torch.empty((k + 3,) + total.shape, dtype=total.dtype, device=total.device)
+    torch.sub(rho, logw.exp_(), out=go[:k])  # through log_softmax: rho_j - w_j
+    go[k] = g_centre
+    go[k + 1] = g_spread * sigma * es * ((o_spread >= -6.0) & (o_spread <= 3.0))
+    go[k + 2] = g_log_r
+    if grad is not None:
+        go *= grad
+    g = go
+    weights = wb[0::2]
+    for i in range(len(weights) - 1, 0, -1):
+        g = torch.ops.aten.threshold_backward(weights[i].t() @ g, hidden[i - 1], 0.0)
+    g_x = weights[0].t() @ g
+    g_spread = g_spread * es
+    if grad is not None:
+        g_centre, g_spread = g_centre * grad, g_spread * grad
+    return g_x, g_centre, g_spread
+
+
+class _HeadsMixture(torch.autograd.Function):
+    """:func:`heads_mixture_forward` with :func:`heads_mixture_backward` as its backward."""
 
     @staticmethod
     def forward(ctx, x, c, sigma, m, net, wb):  # noqa: D102
-        hidden = []
-        h = x
-        n_layers = len(wb) // 2
-        for i in range(n_layers):
-            h = torch.addmm(wb[2 * i + 1], wb[2 * i], h)
-            if i < n_layers - 1:
-                h = h.relu_()
-                hidden.append(h)
-        o = h
-        k = net.z.numel()
-        logw = torch.log_softmax(o[:k], dim=0)
-        es = torch.exp(o[k + 1].clamp(-6.0, 3.0))
-        spread = sigma * es
-        z = net.z[:, None]
-        raw_means = (c + o[k]) + spread * z
-        log_means = raw_means.clamp(max=30.0)
-        sd = spread * net.dz + 1e-3
-        raw_log_r = -2.0 * torch.log(sd) + o[k + 2]
-        log_r = raw_log_r.clamp(_LOG_R_MIN, _LOG_R_MAX)
-        shared = log_rising_ratio(m, log_r) - torch.lgamma(m + 1.0)
-        r = torch.exp(log_r)
-        # In-place chains below: the same arithmetic as nb_mixture_log_prob, without a
-        # fresh (K, pairs) buffer per step (these passes are memory-bound).
-        e = torch.sub(log_means, log_r).clamp_(min=-80.0).exp_()
-        t = torch.log1p(e)
-        # (r * t subtracted separately: a fused multiply-add would round differently)
-        per = torch.sub(log_means, t).mul_(m).add_(logw).sub_(r * t)
-        top = per.amax(dim=0)
-        q = per.sub_(top).clamp_(min=-80.0).exp_()
-        total = q.sum(dim=0)
-        ctx.save_for_backward(
-            *hidden, m, logw, o[k + 1], es, sigma, raw_means, sd, raw_log_r, e, t, q, total
-        )
-        ctx.net, ctx.wb, ctx.n_hidden = net, wb, len(hidden)
-        return shared + top + torch.log(total)
+        out, ctx.state = heads_mixture_forward(x, c, sigma, m, net, wb)
+        return out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        saved = ctx.saved_tensors
-        hidden = saved[: ctx.n_hidden]
-        m, logw, o_spread, es, sigma, raw_means, sd, raw_log_r, e, t, q, total = saved[
-            ctx.n_hidden :
-        ]
-        net = ctx.net
-        k = net.z.numel()
-        log_r = raw_log_r.clamp(_LOG_R_MIN, _LOG_R_MAX)
-        r = torch.exp(log_r)
-        mr = m + r
-        rho = q.div_(total)  # q is not needed afterwards
-        s = e.div_(e + 1.0)  # sigmoid(L - log r) = mu / (mu + r), in e's buffer
-        rs = s.mul_(rho)
-        g_log_r = mr * rs.sum(dim=0) - r * (rho * t).sum(dim=0)
-        g_means = torch.mul(rho, m).addcmul_(rs, mr, value=-1.0)
-        if bool(raw_means.amax() > 30.0):  # the clamp at 30 stops the gradient (rare)
-            g_means.mul_(raw_means <= 30.0)
-        g_log_r = g_log_r + _log_rising_ratio_dlogr(m, log_r)
-        g_log_r = g_log_r * ((raw_log_r >= _LOG_R_MIN) & (raw_log_r <= _LOG_R_MAX))
-        g_centre = g_means.sum(dim=0)
-        g_spread = (g_means * net.z[:, None]).sum(dim=0) - g_log_r * (2.0 * net.dz) / sd
-        go = torch.empty((k + 3,) + grad.shape, dtype=grad.dtype, device=grad.device)
-        torch.sub(rho, logw.exp_(), out=go[:k])  # through log_softmax: rho_j - w_j
-        go[k] = g_centre
-        go[k + 1] = g_spread * sigma * es * ((o_spread >= -6.0) & (o_spread <= 3.0))
-        go[k + 2] = g_log_r
-        go *= grad
-        g = go
-        weights = ctx.wb[0::2]
-        for i in range(len(weights) - 1, 0, -1):
-            g = torch.ops.aten.threshold_backward(weights[i].t() @ g, hidden[i - 1], 0.0)
-        g_x = weights[0].t() @ g
-        return g_x, g_centre * grad, g_spread * es * grad, None, None, None
+        state, ctx.state = ctx.state, None
+        return (*heads_mixture_backward(state, grad), None, None, None)
 
 
 # Pairs per block: each block's temporaries ((K, pairs) kernel terms, (width, pairs)
@@ -183,39 +199,25 @@ _BLOCK = 16384
 
 
 class _PairwiseLogProb(torch.autograd.Function):
-    """``log Phat(m | n)`` over 1-D pairs, evaluated in blocks, with a diagonal Jacobian.
+    """``log Phat(m | n)`` over 1-D pairs with a diagonal Jacobian computed up front.
 
     Each output depends only on its own pair's ``(b, beta, gamma)``, so the gradient of
-    the block's *sum* is the vector of per-pair partial derivatives. The forward pass
-    computes them block by block (a small local autograd graph that dies with the
-    block) and the backward pass is three multiplications. Double backward is not
-    supported (nothing in pybivi needs it).
+    the *sum* is the vector of per-pair partial derivatives: the forward pass computes
+    them and the backward pass is three multiplications. For a ReLU network the moment
+    match and the network inputs are one autograd graph over all pairs, while the network
+    and the mixture run on cache-sized blocks with their closed-form backward
+    (:func:`heads_mixture_backward`); the gradients they return are pushed through the
+    input graph once. Other networks run block by block under autograd. Double backward
+    is not supported (nothing in pybivi needs it).
     """
 
     @staticmethod
     def forward(ctx, model, n, m, b, beta, gamma):  # noqa: D102
         want = tuple(ctx.needs_input_grad[3:6])
-        out = torch.empty_like(b)
-        derivs = [torch.empty_like(b) if w else None for w in want]
-        for i in range(0, b.numel(), _BLOCK):
-            sl = slice(i, i + _BLOCK)
-            args = [t[sl] for t in (n, m, b, beta, gamma)]
-            if not any(want):
-                out[sl] = model._pairs_log_prob(*args)
-                continue
-            with torch.enable_grad():
-                leaves = [a.detach().requires_grad_(w) for a, w in zip(args[2:], want, strict=True)]
-                val = model._pairs_log_prob(*args[:2], *leaves)
-                inputs = [x for x, w in zip(leaves, want, strict=True) if w]
-                grads = iter(torch.autograd.grad(val.sum(), inputs, allow_unused=True))
-            out[sl] = val.detach()
-            for d, w in zip(derivs, want, strict=True):
-                if w:
-                    g = next(grads)
-                    if g is None:  # the value does not depend on this input here
-                        d[sl] = 0.0
-                    else:
-                        d[sl] = g
+        if any(want) and model.fused_relu:
+            out, derivs = _fused_value_and_derivs(model, n, m, b, beta, gamma, want)
+        else:
+            out, derivs = _blockwise_value_and_derivs(model, n, m, b, beta, gamma, want)
         ctx.save_for_backward(*(d for d in derivs if d is not None))
         ctx.want = want
         return out
@@ -225,3 +227,68 @@ class _PairwiseLogProb(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)
         grads = [grad_out * next(saved) if w else None for w in ctx.want]
         return (None, None, None, *grads)
+
+
+def _blockwise_value_and_derivs(model, n, m, b, beta, gamma, want):
+    """Values and per-pair derivatives block by block, each block under autograd."""
+    out = torch.empty_like(b)
+    derivs = [torch.empty_like(b) if w else None for w in want]
+    for i in range(0, b.numel(), _BLOCK):
+        sl = slice(i, i + _BLOCK)
+        args = [t[sl] for t in (n, m, b, beta, gamma)]
+        if not any(want):
+            out[sl] = model._pairs_log_prob(*args)
+            continue
+        with torch.enable_grad():
+            leaves = [a.detach().requires_grad_(w) for a, w in zip(args[2:], want, strict=True)]
+            val = model._pairs_log_prob(*args[:2], *leaves)
+            inputs = [x for x, w in zip(leaves, want, strict=True) if w]
+            grads = iter(torch.autograd.grad(val.sum(), inputs, allow_unused=True))
+        out[sl] = val.detach()
+        for d, w in zip(derivs, want, strict=True):
+            if w:
+                g = next(grads)
+                d[sl] = 0.0 if g is None else g
+    return out, derivs
+
+
+def _fused_value_and_derivs(model, n, m, b, beta, gamma, want):
+    """Values and per-pair derivatives with the closed-form network + mixture backward."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(w) for t, w in zip((b, beta, gamma), want, strict=True)]
+        feats, c, sigma = model._network_inputs(n, *leaves)
+    x, c_in, sigma_in = feats.detach().t(), c.detach(), sigma.detach()
+    wb = model._mlp_weights()
+    out = torch.empty_like(b)
+    g_x = torch.empty_like(x)
+    g_c, g_sigma = torch.empty_like(b), torch.empty_like(b)
+    with torch.no_grad():
+        for i in range(0, b.numel(), _BLOCK):
+            sl = slice(i, i + _BLOCK)
+            val, state = heads_mixture_forward(
+                x[:, sl], c_in[sl], sigma_in[sl], m[sl], model.net, wb
+            )
+            out[sl] = val
+            g_x[:, sl], g_c[sl], g_sigma[sl] = heads_mixture_backward(state)
+    inputs = [x for x, w in zip(leaves, want, strict=True) if w]
+    # An output that does not depend on the wanted inputs has no graph (sigma without
+    # beta or gamma): leave it out.
+    graph = [(o, g) for o, g in ((feats, g_x.t()), (c, g_c), (sigma, g_sigma)) if o.requires_grad]
+    grads = iter(
+        torch.autograd.grad([o for o, _ in graph], inputs, [g for _, g in graph], allow_unused=True)
+    )
+    derivs = []
+    for w in want:
+        g = next(grads) if w else None
+        derivs.append(torch.zeros_like(b) if (w and g is None) else g)
+    small = b < model.small_burst
+    if bool(small.any()):  # the exact small-burst limit replaces the network there
+        mu = b / gamma
+        out = torch.where(small, m * torch.log(mu) - mu - torch.lgamma(m + 1.0), out)
+        slope = m / mu - 1.0  # d/dmu of m log mu - mu
+        exact = (slope / gamma, torch.zeros_like(b), -slope * mu / gamma)
+        derivs = [
+            None if d is None else torch.where(small, e, d)
+            for d, e in zip(derivs, exact, strict=True)
+        ]
+    return out, derivs
