@@ -371,7 +371,8 @@ class BurstyScheme(ReactionScheme):
             gamma.detach().expand(shape),
             generator=generator,
         )
-        return draws.to(b.dtype)
+        # The thinning sampler runs on the CPU: hand the draws back where the inputs live.
+        return draws.to(device=b.device, dtype=b.dtype)
 
     def __repr__(self) -> str:
         spec = self._backend_spec
