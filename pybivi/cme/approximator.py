@@ -50,12 +50,14 @@ import torch
 from torch import Tensor, nn
 
 from pybivi.cme.domain import BOX, STATE_CAP
-from pybivi.cme.mixture import (
+from pybivi.cme.mixture import (  # moment_base and nodes: re-exported, part of the API
     _LOG_R_MAX,
     _LOG_R_MIN,
     _HeadsMixture,
     _PairwiseLogProb,
+    moment_base,
     nb_mixture_log_prob,
+    nodes,
 )
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -63,7 +65,6 @@ DEFAULT_WEIGHTS = WEIGHTS_DIR / "bursty_conditional.pt"
 DEFAULT_METADATA = WEIGHTS_DIR / "bursty_conditional.json"
 
 B_SMALL = 1e-3  # below this burst size the exact small-b limit is used
-_SIGMA_MAX = 4.0  # log-scale spread cap: beyond it the lognormal picture is meaningless
 
 
 def _box_tensor() -> tuple[Tensor, Tensor]:
@@ -71,47 +72,6 @@ def _box_tensor() -> tuple[Tensor, Tensor]:
     lo = torch.tensor([BOX[k][0] * ln10 for k in ("log10_b", "log10_beta", "log10_gamma")])
     hi = torch.tensor([BOX[k][1] * ln10 for k in ("log10_b", "log10_beta", "log10_gamma")])
     return lo, hi
-
-
-def _digamma_trigamma(a: Tensor) -> tuple[Tensor, Tensor]:
-    """Cheap smooth ``digamma(a)`` and ``trigamma(a)`` (one recurrence step + asymptotics).
-
-    Accurate to about 1% at ``a -> 0`` and far better for ``a >= 1``; enough for the
-    moment match, which the MLP corrects anyway. ``torch.polygamma(1, .)`` would make
-    the backward pass call ``polygamma(2, .)``, about 100 times slower than a log.
-    """
-    x = a + 1.0
-    inv = 1.0 / x
-    inv2 = inv * inv
-    psi = torch.log(x) - 0.5 * inv - inv2 * (1.0 / 12.0 - inv2 / 120.0) - 1.0 / a
-    tri = inv + inv2 * (0.5 + inv * (1.0 / 6.0 - inv2 / 30.0)) + 1.0 / (a * a)
-    return psi, tri
-
-
-def moment_base(n: Tensor, b: Tensor, beta: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
-    """Centre and spread of the Poisson-lognormal match of the mature log-rate given ``N = n``.
-
-    Returns ``(c, sigma)`` such that ``log Lambda_M | n`` is about ``Normal(c, sigma^2)``.
-    """
-    s2n = torch.log1p(beta)
-    s2m = torch.log1p(beta * gamma / (beta + gamma))
-    kappa = s2m / s2n  # regression slope of the mature on the nascent log-rate, in (0, 1)
-    shape0 = 1.0 / beta
-    psi_n, tri_n = _digamma_trigamma(shape0 + n)
-    psi_0, _ = _digamma_trigamma(shape0)
-    # E[log Lambda_N | n] - E[log Lambda_N] under the exact Gamma prior and posterior
-    shift = psi_n - psi_0 - torch.log1p(b)
-    c = torch.log(b / gamma) - 0.5 * s2m + kappa * shift
-    var = s2m * (1.0 - kappa) + kappa**2 * tri_n
-    sigma = torch.sqrt(var.clamp(min=1e-12)).clamp(max=_SIGMA_MAX)
-    return c, sigma
-
-
-def nodes(k: int) -> Tensor:
-    """Chebyshev-spaced standard-normal quantiles (biVI's kernel placement), float32."""
-    j = torch.arange(k, dtype=torch.float64)
-    q = 0.5 * (1.0 - torch.cos((2.0 * j + 1.0) / (2.0 * k) * math.pi))
-    return (math.sqrt(2.0) * torch.erfinv(2.0 * q - 1.0)).float()
 
 
 class ConditionalNet(nn.Module):

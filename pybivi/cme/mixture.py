@@ -1,12 +1,16 @@
 """The negative-binomial mixture of the bursty approximator, and its fused autograd.
 
+:func:`moment_base` and :func:`nodes` place the kernels (a Poisson-lognormal moment match
+of the mature count given ``n``, see :mod:`pybivi.cme.approximator`).
+
 :func:`nb_mixture_log_prob` is the plain, autograd-traceable mixture
 ``log sum_j w_j NB(m; mu_j, r)`` with one shape ``r`` per pair, written so that only two
-lgamma evaluations per pair are needed whatever the number of kernels. The two
-``torch.autograd.Function`` classes compute the same values with closed-form backward
-passes (network heads + mixture, then a per-pair diagonal Jacobian over blocks of pairs),
-which is what :class:`pybivi.cme.approximator.BurstyConditional` runs; the tests compare
-them with the plain computation.
+lgamma evaluations per pair are needed whatever the number of kernels.
+:func:`heads_mixture_forward` and :func:`heads_mixture_backward` compute the network heads
+and the same mixture with a closed-form backward pass, and ``_PairwiseLogProb`` turns them
+into per-pair derivatives over blocks of pairs: that is what
+:class:`pybivi.cme.approximator.BurstyConditional` runs; the tests compare it with the plain
+computation.
 """
 
 from __future__ import annotations
@@ -18,6 +22,50 @@ from torch import Tensor
 
 # Bounds of the shared NB shape r (log scale): the network's output is clamped to them.
 _LOG_R_MIN, _LOG_R_MAX = math.log(1e-2), math.log(1e6)
+
+
+_SIGMA_MAX = 4.0  # log-scale spread cap: beyond it the lognormal picture is meaningless
+
+
+def _digamma_trigamma(a: Tensor) -> tuple[Tensor, Tensor]:
+    """Cheap smooth ``digamma(a)`` and ``trigamma(a)`` (one recurrence step + asymptotics).
+
+    Accurate to about 1% at ``a -> 0`` and far better for ``a >= 1``; enough for the
+    moment match, which the MLP corrects anyway. ``torch.polygamma(1, .)`` would make
+    the backward pass call ``polygamma(2, .)``, about 100 times slower than a log.
+    """
+    x = a + 1.0
+    inv = 1.0 / x
+    inv2 = inv * inv
+    psi = torch.log(x) - 0.5 * inv - inv2 * (1.0 / 12.0 - inv2 / 120.0) - 1.0 / a
+    tri = inv + inv2 * (0.5 + inv * (1.0 / 6.0 - inv2 / 30.0)) + 1.0 / (a * a)
+    return psi, tri
+
+
+def moment_base(n: Tensor, b: Tensor, beta: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
+    """Centre and spread of the Poisson-lognormal match of the mature log-rate given ``N = n``.
+
+    Returns ``(c, sigma)`` such that ``log Lambda_M | n`` is about ``Normal(c, sigma^2)``.
+    """
+    s2n = torch.log1p(beta)
+    s2m = torch.log1p(beta * gamma / (beta + gamma))
+    kappa = s2m / s2n  # regression slope of the mature on the nascent log-rate, in (0, 1)
+    shape0 = 1.0 / beta
+    psi_n, tri_n = _digamma_trigamma(shape0 + n)
+    psi_0, _ = _digamma_trigamma(shape0)
+    # E[log Lambda_N | n] - E[log Lambda_N] under the exact Gamma prior and posterior
+    shift = psi_n - psi_0 - torch.log1p(b)
+    c = torch.log(b / gamma) - 0.5 * s2m + kappa * shift
+    var = s2m * (1.0 - kappa) + kappa**2 * tri_n
+    sigma = torch.sqrt(var.clamp(min=1e-12)).clamp(max=_SIGMA_MAX)
+    return c, sigma
+
+
+def nodes(k: int) -> Tensor:
+    """Chebyshev-spaced standard-normal quantiles (biVI's kernel placement), float32."""
+    j = torch.arange(k, dtype=torch.float64)
+    q = 0.5 * (1.0 - torch.cos((2.0 * j + 1.0) / (2.0 * k) * math.pi))
+    return (math.sqrt(2.0) * torch.erfinv(2.0 * q - 1.0)).float()
 
 
 def _softplus(x: Tensor) -> Tensor:
