@@ -58,9 +58,12 @@ def prepared_data(cells: int, genes: int, seed: int):
 
 def fit_or_load(adata, args: argparse.Namespace):
     """ContrastiveBiVI fitted on ``adata`` (from the cache when there is one)."""
+    from pybivi.cme import load_default_approximator
     from pybivi.models import ContrastiveBiVI
 
-    tag = f"c{args.cells}_g{args.genes}_e{args.epochs}_s{args.seed}"
+    # The approximator's checksum in the name: a fit made with other weights is not reused.
+    weights = load_default_approximator().metadata["sha256"][:8]
+    tag = f"c{args.cells}_g{args.genes}_e{args.epochs}_s{args.seed}_{weights}"
     if args.kl_warmup is not None:
         tag += f"_w{args.kl_warmup:g}"
     if args.means_lr_factor != 1.0:
