@@ -58,6 +58,7 @@ from pybivi.cme.mixture import (  # moment_base and nodes: re-exported, part of 
     moment_base,
     nb_mixture_log_prob,
     nodes,
+    poisson_limit,
 )
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -321,9 +322,7 @@ class BurstyConditional(nn.Module):
             out = nb_mixture_log_prob(m, log_means, logw, log_r)
         small = b < B_SMALL
         if bool(small.any()):
-            mu = b / gamma
-            poisson = m * torch.log(mu) - mu - torch.lgamma(m + 1.0)
-            out = torch.where(small, poisson, out)
+            out = torch.where(small, poisson_limit(m, b, gamma), out)
         return out
 
     def forward(self, nascent, mature, b, beta, gamma):  # noqa: D102 - alias for nn.Module use

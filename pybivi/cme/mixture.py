@@ -240,6 +240,12 @@ class _HeadsMixture(torch.autograd.Function):
         return (*heads_mixture_backward(state, grad), None, None, None)
 
 
+def poisson_limit(m: Tensor, b: Tensor, gamma: Tensor) -> Tensor:
+    """``log Poisson(m; b / gamma)``: the bursty conditional's exact limit as ``b -> 0``."""
+    mu = b / gamma
+    return m * torch.log(mu) - mu - torch.lgamma(m + 1.0)
+
+
 # Pairs per block: each block's temporaries ((K, pairs) kernel terms, (width, pairs)
 # activations) stay within the CPU caches while per-op dispatch costs stay small;
 # 16384 measured fastest of 2048 to 32768 at one thread (forward + backward).
@@ -331,8 +337,8 @@ def _fused_value_and_derivs(model, n, m, b, beta, gamma, want):
         derivs.append(torch.zeros_like(b) if (w and g is None) else g)
     small = b < model.small_burst
     if bool(small.any()):  # the exact small-burst limit replaces the network there
+        out = torch.where(small, poisson_limit(m, b, gamma), out)
         mu = b / gamma
-        out = torch.where(small, m * torch.log(mu) - mu - torch.lgamma(m + 1.0), out)
         slope = m / mu - 1.0  # d/dmu of m log mu - mu
         exact = (slope / gamma, torch.zeros_like(b), -slope * mu / gamma)
         derivs = [
