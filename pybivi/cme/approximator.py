@@ -42,7 +42,7 @@ import hashlib
 import json
 import math
 import warnings
-from copy import deepcopy as copy_module
+from copy import deepcopy
 from functools import lru_cache
 from pathlib import Path
 
@@ -218,10 +218,8 @@ class BurstyConditional(nn.Module):
         if self.box_lo.device == device:
             return self
         if device not in self._device_copies:
-            copy = BurstyConditional(copy_module(self.net), self.metadata, self.compute_dtype).to(
-                device
-            )
-            self._device_copies[device] = copy.eval()
+            replica = BurstyConditional(deepcopy(self.net), self.metadata, self.compute_dtype)
+            self._device_copies[device] = replica.to(device).eval()
         return self._device_copies[device]
 
     def _outside(self, n: Tensor, b: Tensor, beta: Tensor, gamma: Tensor, logs: Tensor) -> Tensor:
