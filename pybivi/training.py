@@ -109,7 +109,7 @@ def fit(
         negative ELBO per cell), ``kl_weight`` and ``validation_loss`` (NaN without
         validation cells).
     """
-    tune_allocator()  # minibatch temporaries churn glibc's mmap otherwise (see its docs)
+    tune_allocator()  # else glibc returns minibatch buffers to the kernel every step
     elbo = TraceMeanField_ELBO(num_particles=1)
     optimizer = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
     warmup_steps = int(round(kl_warmup_epochs * n_batches))
