@@ -197,10 +197,8 @@ def fit(
             wp = (cond["w"][c0:c1][pc] * p_all[p0:p1]).float()
             terms = wp * (logp_all[p0:p1].float() - logq)
             pair_design = cond_design[c0:c1][pc]
-            if hard_power > 0.0:
-                loss = (terms * design_weight[pair_design]).sum() / n_designs
-            else:
-                loss = terms.sum() / n_designs
+            weighted = terms * design_weight[pair_design] if hard_power > 0.0 else terms
+            loss = weighted.sum() / n_designs
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -313,29 +311,11 @@ def train_approximator(
         The written weights file; its metadata records domain, design size, seed, wall
         time, held-out metrics and the SHA-256.
     """
+    # Every option as passed (locals() holds only the parameters here): the command line
+    # recorded in the metadata regenerates this file.
+    options = {k: v for k, v in locals().items() if k not in ("out_dir", "log")}
+    command = training_command(cache=options.pop("cache_dir"), **options)
     t0 = time.time()
-    command = training_command(
-        seed=seed,
-        n_designs=n_designs,
-        n_heldout=n_heldout,
-        n_large_burst=n_large_burst,
-        epochs=epochs,
-        n_rows=n_rows,
-        n_kernels=n_kernels,
-        width=width,
-        depth=depth,
-        cache=cache_dir,
-        workers=workers,
-        threads=threads,
-        time_limit=time_limit,
-        state_cap=state_cap,
-        lr=lr,
-        activation=activation,
-        pairs_per_batch=pairs_per_batch,
-        hard_power=hard_power,
-        hard_cap=hard_cap,
-        n_large_rows=n_large_rows,
-    )
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     cache = Path(cache_dir)
