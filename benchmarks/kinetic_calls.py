@@ -26,7 +26,8 @@ Usage (one torch thread; the fit takes a few minutes, later runs about a minute)
 
     .venv/bin/python benchmarks/kinetic_calls.py [--epochs 60] [--refit]
         [--cells 3000 --genes 800 --seed 0] [--kl-warmup EPOCHS] [--samples 5000]
-        [--means-lr-factor 10] [--likelihood-check 6]
+        [--means-lr-factor 10] [--likelihood-check 6] [--lr 3e-3]
+        [--normalize median_ratio]
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from kinetic_diagnostics import (  # noqa: E402  (a sibling script, not a package)
+    composition_shift,
+    likelihood_check,
+    salient_centres,
+    spread_parts,
+    spread_sources,
+)
+
 BINS = ((0.0, 1.0), (1.0, 1.5), (1.5, 2.0), (2.0, np.inf))
 
 
@@ -68,6 +78,8 @@ def fit_or_load(adata, args: argparse.Namespace):
         tag += f"_w{args.kl_warmup:g}"
     if args.means_lr_factor != 1.0:
         tag += f"_m{args.means_lr_factor:g}"
+    if args.lr != 1e-3:
+        tag += f"_lr{args.lr:g}"
     path = ROOT / ".cache" / "kinetic_calls" / tag
     ContrastiveBiVI.setup_anndata(adata, perturbation_key="perturbation", control_labels=["NT"])
     if (path / "config.json").exists() and not args.refit:
@@ -78,7 +90,7 @@ def fit_or_load(adata, args: argparse.Namespace):
     with _means_lr(model.module, args.means_lr_factor):
         model.train(
             max_epochs=args.epochs, seed=args.seed, progress_bar=False,
-            kl_warmup_epochs=args.kl_warmup,
+            kl_warmup_epochs=args.kl_warmup, lr=args.lr,
         )
     print(f"model: fitted {args.epochs} epochs in {time.perf_counter() - t0:.0f} s")
     model.save(path, overwrite=True)
@@ -146,117 +158,6 @@ def rho_lfc(model, adata, programs: list[str], n_samples: int, seed: int) -> dic
     return out
 
 
-def spread_parts(model, adata, programs: list[str], truth: dict, seed: int) -> pd.DataFrame:
-    """Where the pooled spread of log2 b comes from: within a cell (draws of q) or between
-    cells (posterior means), in each program's cells and in the controls, for the genes
-    the program changes (whose truth is one value for all cells of a group)."""
-    from pybivi.posterior import iter_draws
-
-    labels = adata.obs["program"].astype(str).to_numpy()
-
-    def parts(idx: np.ndarray, genes: np.ndarray) -> tuple[float, float]:
-        draws = [np.log2(d["reference"]["burst_size"].numpy()[..., genes]) for _, d in
-                 iter_draws(model, idx, 20, quantities=("burst_size",),
-                            libraries=("reference",), batch_size=256, seed=seed)]
-        x = np.concatenate(draws, axis=1)  # (draws, cells, genes)
-        return (float(np.median(np.sqrt(x.var(0).mean(0)))),
-                float(np.median(np.sqrt(x.mean(0).var(0)))))
-
-    rows = []
-    for j, p in enumerate(programs):
-        genes = np.flatnonzero((truth["burst_size"][:, j] != 0)
-                               | (truth["degradation_rate"][:, j] != 0))
-        within, between = parts(np.flatnonzero(labels == p), genes)
-        c_within, c_between = parts(np.flatnonzero(labels == "control"), genes)
-        rows.append({"program": p, "group_within": within, "group_between": between,
-                     "control_within": c_within, "control_between": c_between})
-    return pd.DataFrame(rows)
-
-
-def likelihood_check(adata, programs: list[str], n_genes: int, seed: int) -> pd.DataFrame:
-    """Is the bursty likelihood itself biased on compensatory genes? For a few true genes
-    of each compensatory program, the simulator's per-cell kinetics with the program's
-    change scaled by ``e`` (``e = 1``: the truth) are scored on 120 of the program's cells
-    with the neural and with the exact conditional ``P(m | n)``; printed is the ``e`` of
-    highest likelihood (grid step 0.1). A model that fits the data can only be as biased
-    as this maximum."""
-    from pybivi.schemes import BurstyScheme
-
-    sim = adata.uns["simulation"]
-    strength = dict(zip(sim["perturbations"]["perturbation"],
-                        np.asarray(sim["perturbations"]["strength"], float), strict=True))
-    obs, var = adata.obs, adata.var
-    labels, pert = obs["program"].astype(str).to_numpy(), obs["perturbation"].astype(str)
-    counts = {k: adata.layers[k].toarray() for k in ("unspliced", "spliced")}
-    rng = np.random.default_rng(seed)
-    grid = np.round(np.arange(0.4, 1.45, 0.1), 2)
-    rows = []
-    for j, p in enumerate(programs):
-        if sim["program_kinds"][j] != "compensatory":
-            continue
-        change = np.asarray(adata.varm["log2_b_change"])[:, j]
-        cells = rng.choice(np.flatnonzero(labels == p), 120, replace=False)
-        s = np.array([strength[q] for q in pert.to_numpy()[cells]])
-        phase = obs["phase"].astype(str).to_numpy()[cells]
-        for g in rng.choice(np.flatnonzero(np.abs(change) >= 1), n_genes, replace=False):
-            cycle = (np.where(phase == "S", var["cell_cycle_log2_S"].iloc[g], 0.0)
-                     + np.where(phase == "G2M", var["cell_cycle_log2_G2M"].iloc[g], 0.0))
-            base_b = np.log2(var["burst_size"].iloc[g] * obs["capture_efficiency"].to_numpy()
-                             [cells]) + cycle
-            x = [torch.as_tensor(counts[k][cells, g], dtype=torch.float64)
-                 for k in ("unspliced", "spliced")]
-            row = {"program": p, "gene": adata.var_names[g], "true_log2": change[g]}
-            for name in ("neural", "exact"):
-                scheme, ll = BurstyScheme(name), []
-                for e in grid:
-                    b = torch.as_tensor(2.0 ** (base_b + e * s * change[g]))
-                    gamma = torch.as_tensor(var["degradation_rate"].iloc[g] * 2.0 ** (
-                        e * s * change[g]))
-                    beta = torch.as_tensor(float(var["splicing_rate"].iloc[g]),
-                                           dtype=torch.float64)
-                    mu_n, mu_m, theta = scheme.from_kinetic_params(b, beta, gamma)
-                    ll.append(float(scheme.log_prob(*x, mu_n, mu_m, theta).sum()))
-                row[f"argmax_e_{name}"] = grid[int(np.argmax(ll))]
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def salient_centres(model, adata, programs: list[str], truth: dict) -> pd.DataFrame:
-    """Per program: share of its cells whose salient mean is nearest its own centre, the
-    nascent change decoded at that centre (t = centre, each cell's own z) over the truth,
-    and the norms of the learned prior means ``mu_c`` and of the encoder's label centres."""
-    module = model.module
-    ref = model.registry.reference_library
-    t = torch.as_tensor(model.get_latent_representation())
-    z = torch.as_tensor(model.get_latent_representation(kind="background"))
-    labels = adata.obs["program"].astype(str).to_numpy()
-    pert = adata.obs["perturbation"].astype(str).to_numpy()
-
-    def log2_rho_n(zz, tt):
-        with torch.no_grad():
-            out = module.decode(zz, tt, ref["nascent"], ref["mature"])["rho_nascent"]
-        return np.log2(out.numpy()).mean(0)
-
-    ctrl = labels == "control"
-    base = log2_rho_n(z[ctrl], torch.zeros_like(t[ctrl]))
-    centres = torch.stack([t[labels == p].mean(0) for p in programs])
-    nearest = torch.cdist(t, centres).argmin(1).numpy()
-    rows = []
-    for j, p in enumerate(programs):
-        cells = labels == p
-        change = truth["burst_size_effective"][:, j]
-        genes = np.abs(change) >= 1
-        row = {"program": p, "nearest_own_centre": float(np.mean(nearest[cells] == j))}
-        if genes.any():
-            decoded = log2_rho_n(z[cells], centres[j].expand(int(cells.sum()), -1))
-            row["rhoN_at_centre/true"] = float(np.median((decoded - base)[genes] / change[genes]))
-        mus = [module.salient_means[model.registry.labels.index(q)] for q in np.unique(pert[cells])]
-        row["|mu_c|"] = float(np.mean([float(m.detach().norm()) for m in mus]))
-        row["|centre|"] = float(centres[j].norm())
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
 def oracle_tables(adata, noise: float, seed: int) -> pd.DataFrame:
     """The kinetic test on draws from the simulator's per-cell truth (see de_vs_scvi)."""
     import arviz as az
@@ -304,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--means-lr-factor", type=float, default=1.0,
                         help="experiment: learning-rate factor of the salient prior means")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--normalize", choices=("median_ratio",), default=None,
+                        help="pybivi.de.kinetic's normalize (default: none, the paper's)")
     parser.add_argument("--refit", action="store_true")
     parser.add_argument("--likelihood-check", type=int, default=0, metavar="N",
                         help="also profile the likelihood on N genes per compensatory program")
@@ -316,9 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     model = fit_or_load(adata, args)
     t0 = time.perf_counter()
     table = de.kinetic(model, groupby="program", group=programs, n_samples=args.samples,
-                       seed=args.seed)
+                       seed=args.seed, normalize=args.normalize)
     print(f"kinetic test: {time.perf_counter() - t0:.0f} s; {adata.n_obs} cells x "
-          f"{adata.n_vars} genes; delta 1, BF > 3")
+          f"{adata.n_vars} genes; delta 1, BF > 3, normalize {args.normalize}")
     truth = true_changes(adata, programs)
     scores = de.truth_scores(table, adata, strength="mean")
     unit = de.truth_scores(table, adata, strength="unit")
@@ -370,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\nsd of log2 b over the program's genes, within a cell (draws) and between cells "
           "(posterior means); the truth is one value per group:")
     print(spread_parts(model, adata, programs, truth, args.seed).round(3).to_string(index=False))
+    print("\nbetween-cell sd of decoded log2 rho_N of the program's b genes in its cells: at "
+          "the posterior means, with t at its perturbation's mean, with z at the group mean:")
+    print(spread_sources(model, adata, programs).round(3).to_string(index=False))
+    print("\ncontrols: mean log2 b by phase over genes nothing changes (truth: 0 shift):")
+    print(composition_shift(model, adata, args.seed).round(3).to_string(index=False))
     model_bins = recall_by_bin(table, truth, programs, "_effective")
     spread = float(np.nanmedian([r.get(k, np.nan) for r in rows for k in ("b_sd", "g_sd")]))
     # Per-draw noise whose pairwise spread matches the model's: sd_pair = sqrt(2) * noise.
