@@ -126,7 +126,8 @@ def run_pipeline(
     """
     import torch
 
-    from pybivi import report as rep_mod
+    from pybivi import report_sections as sections
+    from pybivi.report import Report
 
     threads = torch.get_num_threads()
     out.mkdir(parents=True, exist_ok=True)
@@ -146,15 +147,15 @@ def run_pipeline(
             adata.layers[f"ContrastiveBiVI_{k}"] = v
     summary = _summary(table, purity_table, models, seeds, epochs, adata, perturbed)
     summary["fit_seconds"] = fits["seconds"]
-    report = rep_mod.Report(out, title=title)
-    rep_mod.add_figure2(
+    report = Report(out, title=title)
+    sections.add_figure2(
         report, adata, table, purity_table, models=models, program_key=program_key,
         phase_key=phase_key, perturbed=perturbed, embedding=embedding, intro=intro,
         display=DISPLAY, quiet=quiet,
     )
     torch.set_num_threads(threads)  # the UMAP embeddings above reset it
     if kinetic is not None and program_key is not None and "simulation" in adata.uns:
-        summary["kinetic_recovery"] = rep_mod.add_kinetic_recovery(
+        summary["kinetic_recovery"] = sections.add_kinetic_recovery(
             report, adata, program_key, is_ctrl
         )
     groupby = program_key if program_key is not None else perturbation_key

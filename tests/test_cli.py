@@ -153,7 +153,7 @@ def test_kinetic_recovery_bookkeeping_on_exact_estimates(tmp_path):
     # Layers holding each cell's true kinetics at a fixed library: the recovered
     # program-vs-control changes must equal the truth exactly.
     from pybivi import datasets
-    from pybivi.report import add_kinetic_recovery, kinetic_recovery
+    from pybivi.report_sections import add_kinetic_recovery, kinetic_recovery
 
     a = datasets.simulate_perturbseq(n_cells=150, n_genes=40, seed=0, doublet_fraction=0.0)
     a = a[a.obs["program"] != "unassigned"].copy()
