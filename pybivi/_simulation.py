@@ -223,3 +223,84 @@ def _to_anndata(cells: dict[str, np.ndarray], var: pd.DataFrame) -> ad.AnnData:
         var=var,
         layers={"unspliced": sp.csr_matrix(cells["nascent"].astype(np.int32)), "spliced": mature},
     )
+
+
+def _cell_kinetics(
+    design: dict[str, Any],
+    table: pd.DataFrame,
+    effects: dict[str, np.ndarray],
+    cc_log2: np.ndarray,
+    cell_cycle_mode: str,
+    base_b: np.ndarray,
+    beta: np.ndarray,
+    base_gamma: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per drawn cell: its program (-1: control) and its ``b`` (after capture), ``beta/k``
+    and ``gamma/k`` per gene: the base kinetics moved by the perturbation (its strength
+    times its program's change) and by the cell-cycle phase."""
+    n_genes = base_b.size
+    pert_idx, phase_idx = design["perturbation"], design["phase"]
+    # Per cell log2 changes: perturbation strength x its program's change (controls: none).
+    prog_of_cell = np.where(pert_idx >= 0, table["program_index"].to_numpy()[pert_idx], -1)
+    strength = np.where(pert_idx >= 0, table["strength"].to_numpy()[pert_idx], 0.0)
+
+    def per_cell(change: np.ndarray) -> np.ndarray:
+        padded = np.concatenate([change, np.zeros((n_genes, 1))], axis=1)  # column -1 = control
+        return strength[:, None] * padded[:, prog_of_cell].T
+
+    log2_b = per_cell(effects["log2_b"])
+    log2_gamma = per_cell(effects["log2_gamma"])
+    log2_freq = per_cell(effects["log2_frequency"])
+    if cell_cycle_mode == "burst_size":
+        log2_b += cc_log2[:, phase_idx].T
+    else:
+        log2_freq += cc_log2[:, phase_idx].T
+    # A burst-frequency change f divides every rate in units of k by f: b is per burst.
+    freq = 2.0**log2_freq
+    b = base_b * design["capture"][:, None] * 2.0**log2_b
+    return prog_of_cell, b, beta[None, :] / freq, base_gamma * 2.0**log2_gamma / freq
+
+
+def _gene_truth(base_b, beta, base_gamma, cc_genes, cc_log2, effects) -> pd.DataFrame:
+    """``var``: each gene's base kinetics, cell-cycle effects and program."""
+    n_genes = base_b.size
+    return pd.DataFrame(
+        {
+            "burst_size": base_b,
+            "splicing_rate": beta,
+            "degradation_rate": base_gamma,
+            "cell_cycle_gene": np.isin(np.arange(n_genes), cc_genes),
+            "cell_cycle_log2_S": cc_log2[:, 1],
+            "cell_cycle_log2_G2M": cc_log2[:, 2],
+            "program": pd.Categorical(effects["gene_program"]),
+        },
+        index=[f"Gene{g:04d}" for g in range(n_genes)],
+    )
+
+
+def _settings(
+    seed, kinds, table, n_annotated, control_label, cell_cycle_mode, frequency_log2,
+    capture_median, capture_sigma,
+) -> dict[str, Any]:
+    """``uns["simulation"]``: the settings and the perturbation table."""
+    n_programs = len(kinds)
+    return {
+        "seed": int(seed),
+        "programs": [f"program{p + 1}" for p in range(n_programs)],
+        "program_kinds": kinds,
+        "effect_kinds": list(EFFECT_KINDS),
+        "control_label": control_label,
+        "cell_cycle_mode": cell_cycle_mode,
+        "frequency_log2": float(frequency_log2),
+        "capture_median": float(capture_median),
+        "capture_sigma": float(capture_sigma),
+        "perturbations": {
+            "perturbation": table["perturbation"].tolist(),
+            "program": [f"program{p + 1}" for p in table["program_index"]],
+            "strength": table["strength"].to_numpy(),
+            "annotated": [i < n_annotated for i in range(len(table))],
+        },
+        "note": "Rates in units of the burst frequency k; b is before capture (multiply "
+        "by obs['capture_efficiency']). varm log2 changes are per gene x program for a "
+        "perturbation of strength 1.",
+    }

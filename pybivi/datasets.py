@@ -35,7 +35,6 @@ from typing import Any
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 import torch
 
 from pybivi._simulation import (
@@ -44,12 +43,15 @@ from pybivi._simulation import (
     PROGRAM_KINDS,
     _cell_cycle_effects,
     _cell_design,
+    _cell_kinetics,
     _gene_effects,
+    _gene_truth,
     _log_uniform,
     _merge_doublets,
     _perturbation_table,
     _program_kinds,
     _sample_counts,
+    _settings,
     _to_anndata,
 )
 
@@ -181,32 +183,11 @@ def simulate_perturbseq(
         capture_median, capture_sigma,
     )
     pert_idx, phase_idx = design["perturbation"], design["phase"]
-
-    # Per cell log2 changes: perturbation strength x its program's change (controls: none).
-    prog_of_cell = np.where(pert_idx >= 0, table["program_index"].to_numpy()[pert_idx], -1)
-    strength = np.where(pert_idx >= 0, table["strength"].to_numpy()[pert_idx], 0.0)
-
-    def per_cell(change: np.ndarray) -> np.ndarray:
-        padded = np.concatenate([change, np.zeros((n_genes, 1))], axis=1)  # column -1 = control
-        return strength[:, None] * padded[:, prog_of_cell].T
-
-    log2_b = per_cell(effects["log2_b"])
-    log2_gamma = per_cell(effects["log2_gamma"])
-    log2_freq = per_cell(effects["log2_frequency"])
-    if cell_cycle_mode == "burst_size":
-        log2_b += cc_log2[:, phase_idx].T
-    else:
-        log2_freq += cc_log2[:, phase_idx].T
-    # A burst-frequency change f divides every rate in units of k by f: b is per burst.
-    freq = 2.0**log2_freq
-    nascent, mature = _sample_counts(
-        base_b * design["capture"][:, None] * 2.0**log2_b,
-        beta[None, :] / freq,
-        base_gamma * 2.0**log2_gamma / freq,
-        generator,
-        chunk_cells,
-        progress_bar,
+    prog_of_cell, cell_b, cell_beta, cell_gamma = _cell_kinetics(
+        design, table, effects, cc_log2, cell_cycle_mode, base_b, beta, base_gamma
     )
+    nascent, mature = _sample_counts(cell_b, cell_beta, cell_gamma, generator, chunk_cells,
+                                     progress_bar)
 
     names = table["perturbation"].to_numpy()
     labels = np.where(pert_idx >= 0, names[np.maximum(pert_idx, 0)], control_label)
@@ -220,43 +201,14 @@ def simulate_perturbseq(
         nascent=nascent, mature=mature, capture=design["capture"], perturbation=labels,
         program=programs, phase=np.array(PHASES)[phase_idx],
     )
-    var = pd.DataFrame(
-        {
-            "burst_size": base_b,
-            "splicing_rate": beta,
-            "degradation_rate": base_gamma,
-            "cell_cycle_gene": np.isin(np.arange(n_genes), cc_genes),
-            "cell_cycle_log2_S": cc_log2[:, 1],
-            "cell_cycle_log2_G2M": cc_log2[:, 2],
-            "program": pd.Categorical(effects["gene_program"]),
-        },
-        index=[f"Gene{g:04d}" for g in range(n_genes)],
-    )
-    adata = _to_anndata(cells, var)
+    adata = _to_anndata(cells, _gene_truth(base_b, beta, base_gamma, cc_genes, cc_log2, effects))
     for key in ("log2_b", "log2_gamma", "log2_frequency"):
         adata.varm[f"{key}_change"] = effects[key]
     adata.varm["effect_kind"] = effects["kind"]
-    n_annotated = n_programs * perturbations_per_program
-    adata.uns["simulation"] = {
-        "seed": int(seed),
-        "programs": [f"program{p + 1}" for p in range(n_programs)],
-        "program_kinds": kinds,
-        "effect_kinds": list(EFFECT_KINDS),
-        "control_label": control_label,
-        "cell_cycle_mode": cell_cycle_mode,
-        "frequency_log2": float(frequency_log2),
-        "capture_median": float(capture_median),
-        "capture_sigma": float(capture_sigma),
-        "perturbations": {
-            "perturbation": table["perturbation"].tolist(),
-            "program": [f"program{p + 1}" for p in table["program_index"]],
-            "strength": table["strength"].to_numpy(),
-            "annotated": [i < n_annotated for i in range(len(table))],
-        },
-        "note": "Rates in units of the burst frequency k; b is before capture (multiply "
-        "by obs['capture_efficiency']). varm log2 changes are per gene x program for a "
-        "perturbation of strength 1.",
-    }
+    adata.uns["simulation"] = _settings(
+        seed, kinds, table, n_programs * perturbations_per_program, control_label,
+        cell_cycle_mode, frequency_log2, capture_median, capture_sigma,
+    )
     return adata
 
 
