@@ -10,6 +10,22 @@ import pandas as pd
 import torch
 
 
+def _latents(model, adata):
+    """Posterior means of ``t`` and ``z`` per cell, and the program and perturbation labels."""
+    t = torch.as_tensor(model.get_latent_representation())
+    z = torch.as_tensor(model.get_latent_representation(kind="background"))
+    obs = adata.obs
+    return t, z, obs["program"].astype(str).to_numpy(), obs["perturbation"].astype(str).to_numpy()
+
+
+def _log2_rho_nascent(model, z: torch.Tensor, t: torch.Tensor) -> np.ndarray:
+    """Decoded log2 ``rho_N`` (cells x genes) at the reference library."""
+    ref = model.registry.reference_library
+    with torch.no_grad():
+        rho = model.module.decode(z, t, ref["nascent"], ref["mature"])["rho_nascent"]
+    return np.log2(rho.numpy())
+
+
 def spread_parts(model, adata, programs: list[str], truth: dict, seed: int) -> pd.DataFrame:
     """Where the pooled spread of log2 b comes from: within a cell (draws of q) or between
     cells (posterior means), in each program's cells and in the controls, for the genes
@@ -89,20 +105,9 @@ def salient_centres(model, adata, programs: list[str], truth: dict) -> pd.DataFr
     """Per program: share of its cells whose salient mean is nearest its own centre, the
     nascent change decoded at that centre (t = centre, each cell's own z) over the truth,
     and the norms of the learned prior means ``mu_c`` and of the encoder's label centres."""
-    module = model.module
-    ref = model.registry.reference_library
-    t = torch.as_tensor(model.get_latent_representation())
-    z = torch.as_tensor(model.get_latent_representation(kind="background"))
-    labels = adata.obs["program"].astype(str).to_numpy()
-    pert = adata.obs["perturbation"].astype(str).to_numpy()
-
-    def log2_rho_n(zz, tt):
-        with torch.no_grad():
-            out = module.decode(zz, tt, ref["nascent"], ref["mature"])["rho_nascent"]
-        return np.log2(out.numpy()).mean(0)
-
+    t, z, labels, pert = _latents(model, adata)
     ctrl = labels == "control"
-    base = log2_rho_n(z[ctrl], torch.zeros_like(t[ctrl]))
+    base = _log2_rho_nascent(model, z[ctrl], torch.zeros_like(t[ctrl])).mean(0)
     centres = torch.stack([t[labels == p].mean(0) for p in programs])
     nearest = torch.cdist(t, centres).argmin(1).numpy()
     rows = []
@@ -112,9 +117,11 @@ def salient_centres(model, adata, programs: list[str], truth: dict) -> pd.DataFr
         genes = np.abs(change) >= 1
         row = {"program": p, "nearest_own_centre": float(np.mean(nearest[cells] == j))}
         if genes.any():
-            decoded = log2_rho_n(z[cells], centres[j].expand(int(cells.sum()), -1))
+            at_centre = centres[j].expand(int(cells.sum()), -1)
+            decoded = _log2_rho_nascent(model, z[cells], at_centre).mean(0)
             row["rhoN_at_centre/true"] = float(np.median((decoded - base)[genes] / change[genes]))
-        mus = [module.salient_means[model.registry.labels.index(q)] for q in np.unique(pert[cells])]
+        means = model.module.salient_means
+        mus = [means[model.registry.labels.index(q)] for q in np.unique(pert[cells])]
         row["|mu_c|"] = float(np.mean([float(m.detach().norm()) for m in mus]))
         row["|centre|"] = float(centres[j].norm())
         rows.append(row)
@@ -129,18 +136,11 @@ def spread_sources(model, adata, programs: list[str]) -> pd.DataFrame:
     mean ("t fixed") and with ``z`` replaced by the group's mean ("z fixed"). Within a
     perturbation these genes have one true value, so every bit of the spread is the model's.
     """
-    module = model.module
-    ref = model.registry.reference_library
-    t = torch.as_tensor(model.get_latent_representation())
-    z = torch.as_tensor(model.get_latent_representation(kind="background"))
-    labels = adata.obs["program"].astype(str).to_numpy()
-    pert = adata.obs["perturbation"].astype(str).to_numpy()
+    t, z, labels, pert = _latents(model, adata)
     cycle = adata.var["cell_cycle_gene"].to_numpy(bool)
 
     def sd(zz, tt, genes) -> float:
-        with torch.no_grad():
-            rho = module.decode(zz, tt, ref["nascent"], ref["mature"])["rho_nascent"]
-        return float(np.median(np.log2(rho.numpy()[:, genes]).std(0)))
+        return float(np.median(_log2_rho_nascent(model, zz, tt)[:, genes].std(0)))
 
     rows = []
     for j, p in enumerate(programs):
