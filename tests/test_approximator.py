@@ -235,6 +235,31 @@ def test_hardness_weights_have_mean_one_and_respect_the_cap():
     assert torch.all(w[1:] >= w[:-1])  # harder designs never weigh less
     assert float(w.max() / w.min()) <= 100.0 * (1 + 1e-6)  # clipped to [1/cap, cap]
     assert torch.allclose(_hardness_weights(kl, 0.0, 10.0), torch.ones(5))
+    easy_first = _hardness_weights(kl, -0.5, 10.0)  # a negative power favours typical designs
+    assert abs(float(easy_first.mean()) - 1.0) < 1e-6
+    assert torch.all(easy_first[1:] <= easy_first[:-1])
+
+
+def test_negative_hard_power_changes_training(tmp_path):
+    def train(power: float, name: str):
+        path = train_approximator(
+            tmp_path / name, seed=5, n_designs=4, n_heldout=2, epochs=2, n_rows=6, width=8,
+            cache_dir=tmp_path / "cache", workers=1, threads=1, state_cap=48,
+            pairs_per_batch=64, hard_power=power, n_large_burst=0, log=lambda s: None,
+        )
+        meta = json.loads(path.with_suffix(".json").read_text())
+        return torch.load(path, weights_only=False), meta
+
+    plain, _ = train(0.0, "plain")
+    again, _ = train(0.0, "again")
+    weighted, meta = train(-1.0, "weighted")
+    def equal(a, b) -> bool:
+        pairs = zip(a["state_dict"].values(), b["state_dict"].values(), strict=True)
+        return all(torch.equal(x, y) for x, y in pairs)
+
+    assert equal(plain, again)  # training is deterministic: a difference below is the weighting
+    assert not equal(plain, weighted)
+    assert "--hard-power -1.0" in meta["command"]
 
 
 @pytest.mark.shared

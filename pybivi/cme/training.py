@@ -142,11 +142,12 @@ def fit(
     ``pairs_per_batch`` (n, m) pairs; the batch order is reshuffled every epoch. The
     learning rate follows a cosine from ``lr`` to ``lr / 30``.
 
-    With ``hard_power > 0`` the loss weights each design by ``(KL_d / mean KL)**hard_power``
+    With ``hard_power != 0`` the loss weights each design by ``(KL_d / mean KL)**hard_power``
     (normalised to mean 1, clipped to ``[1 / hard_cap, hard_cap]`` before normalising),
     where ``KL_d`` is the design's joint KL accumulated over the previous epoch (the first
-    epoch is unweighted): capacity moves from easy designs, far below the accuracy
-    targets, to the hard large-burst ones. The returned history stays unweighted.
+    epoch is unweighted). A positive power moves capacity from easy designs to the hard
+    large-burst ones; a negative one moves it away from the hardest few, which the plain
+    mean KL lets dominate, to typical designs. The returned history stays unweighted.
     """
     gen = torch.Generator().manual_seed(seed)
     t = _pair_tensors(cs)
@@ -197,7 +198,7 @@ def fit(
             wp = (cond["w"][c0:c1][pc] * p_all[p0:p1]).float()
             terms = wp * (logp_all[p0:p1].float() - logq)
             pair_design = cond_design[c0:c1][pc]
-            weighted = terms * design_weight[pair_design] if hard_power > 0.0 else terms
+            weighted = terms * design_weight[pair_design] if hard_power != 0.0 else terms
             loss = weighted.sum() / n_designs
             opt.zero_grad()
             loss.backward()
@@ -206,7 +207,7 @@ def fit(
             kl_design.index_add_(0, pair_design, terms.detach().double())
         total = float(kl_design.sum()) / n_designs
         history.append(total)
-        if hard_power > 0.0:
+        if hard_power != 0.0:
             design_weight = _hardness_weights(kl_design, hard_power, hard_cap)
         log(f"epoch {epoch + 1}/{epochs}: mean joint KL {total:.3e} ({time.time() - t0:.0f} s)")
         if time_limit is not None and time.time() - t0 > time_limit:
@@ -300,7 +301,7 @@ def train_approximator(
     hard_power, hard_cap
         Weight each design's KL in the loss by ``(KL_d / mean KL)**hard_power`` from the
         previous epoch, clipped to ``[1 / hard_cap, hard_cap]`` (see :func:`fit`); 0 is
-        the plain mean joint KL.
+        the plain mean joint KL, a negative power favours typical designs over the hardest.
     n_large_rows
         Nascent rows kept per ``b >= 1`` design (default ``n_rows``): their conditionals
         change fastest with ``n``.
@@ -427,7 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--hard-power",
         type=float,
         default=0.0,
-        help="weight designs by (KL_d / mean KL)**power of the previous epoch (0: off)",
+        help="weight designs by (KL_d / mean KL)**power of the previous epoch (0: off; "
+        "negative: favour typical designs over the hardest)",
     )
     ap.add_argument("--hard-cap", type=float, default=10.0, help="clip of the design weights")
     ap.add_argument("--n-large-rows", type=int, default=None, help="nascent rows per b >= 1 design")
