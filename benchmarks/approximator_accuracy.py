@@ -1,6 +1,7 @@
 """Accuracy of the bursty conditional against exact CME solutions, pybivi beside biVI.
 
-Usage: ``python benchmarks/approximator_accuracy.py [--n 500] [--cache .cache/approximator]``.
+Usage: ``python benchmarks/approximator_accuracy.py [--n 500] [--cache .cache/approximator]
+[--weights candidate.pt] [--only domain]``.
 
 Two held-out sets of parameter sets, drawn uniformly in log space with seeds never used
 in training: the whole domain (box cut by the state cap, see ``pybivi.cme.domain``) and
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from approximator_common import BIVI_BOX, BIVI_WEIGHTS
 
-from pybivi.cme import load_bivi_approximator, load_default_approximator
+from pybivi.cme import load_approximator, load_bivi_approximator, load_default_approximator
 from pybivi.cme.training import HELDOUT_SEED, SCORE_ROWS, score, summarize
 from pybivi.cme.training_data import build_dataset, design
 
@@ -47,6 +48,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--bivi-float32", action="store_true", help="also score biVI in float32")
     ap.add_argument("--only", choices=("domain", "biVI box"), help="score only this held-out set")
+    ap.add_argument("--weights", help="score this weights file instead of the shipped one "
+                    "(a candidate from `pybivi approximator train --out ...`)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     cache = Path(a.cache)
@@ -54,7 +57,7 @@ def main() -> None:
         "domain": design(a.n, HELDOUT_SEED, sobol=False),
         "biVI box": design(a.n, HELDOUT_SEED + 1, box=BIVI_BOX, sobol=False),
     }
-    ours = load_default_approximator()
+    ours = load_approximator(a.weights) if a.weights else load_default_approximator()
     if a.only:
         sets = {a.only: sets[a.only]}
     meta = ours.metadata

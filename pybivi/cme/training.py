@@ -301,7 +301,9 @@ def train_approximator(
     hard_power, hard_cap
         Weight each design's KL in the loss by ``(KL_d / mean KL)**hard_power`` from the
         previous epoch, clipped to ``[1 / hard_cap, hard_cap]`` (see :func:`fit`); 0 is
-        the plain mean joint KL, a negative power favours typical designs over the hardest.
+        the plain mean joint KL, a negative power favours typical designs over the hardest
+        (with the plain mean, the few hardest large-burst designs take capacity that the
+        rest of biVI's box needs; see docs/benchmarks.md for what -0.5 and -1 gave).
     n_large_rows
         Nascent rows kept per ``b >= 1`` design (default ``n_rows``): their conditionals
         change fastest with ``n``.
