@@ -229,8 +229,10 @@ def kinetic(
     ref_samples = sampler(ref_mask, names, salt=0)
     profiles = {}
     if normalize == "median_ratio":
-        profiles = {p: np.exp(np.median(np.log(ref_samples[p]), axis=0)) for p in names}
-        ref_samples = {p: median_ratio_normalize(ref_samples[p], profiles[p]) for p in names}
+        # The reference against its own per-gene median (this also validates its samples),
+        # then every group against that same profile.
+        raw, ref_samples = ref_samples, {p: median_ratio_normalize(ref_samples[p]) for p in names}
+        profiles = {p: np.exp(np.median(np.log(raw[p]), axis=0)) for p in names}
     tables = []
     for k, (g, mask) in enumerate(masks.items()):
         samples = sampler(mask, names, salt=k + 1)
