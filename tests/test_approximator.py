@@ -385,3 +385,23 @@ def test_fast_path_gradients_sum_over_broadcast_pairs():
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-8)
     for gf, gr in zip(g_fast, g_ref, strict=True):
         torch.testing.assert_close(gf, gr, rtol=1e-4, atol=1e-8)
+
+
+def test_command_line_passes_its_options_and_defaults(tmp_path):
+    import inspect
+
+    from pybivi.cme.training import main
+
+    args = ["--out", str(tmp_path / "w"), "--cache", str(tmp_path / "c"), "--n-designs", "4",
+            "--n-heldout", "2", "--epochs", "1", "--n-rows", "6", "--width", "8",
+            "--state-cap", "48", "--pairs-per-batch", "64", "--n-large-burst", "0",
+            "--workers", "1", "--hard-power", "-0.5"]
+    assert main(args) == 0
+    meta = json.loads((tmp_path / "w" / "bursty_conditional.json").read_text())
+    assert meta["hard_power"] == -0.5 and meta["n_large_burst"] == 0
+    assert meta["config"]["width"] == 8 and meta["domain"]["state_cap"] == 48
+    # options not given take train_approximator's defaults, which the command spells out
+    defaults = inspect.signature(train_approximator).parameters
+    assert meta["lr"] == defaults["lr"].default
+    assert f"--hard-cap {defaults['hard_cap'].default}" in meta["command"]
+    assert f"--cache {tmp_path / 'c'}" in meta["command"]

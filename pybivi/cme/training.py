@@ -9,6 +9,7 @@ targets measure (the nascent marginal is exact).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import time
@@ -404,63 +405,40 @@ def train_approximator(
     return path
 
 
+# Help texts of the options that need more than their name; each option's default and type
+# come from train_approximator's signature, so the command line cannot drift from it.
+_OPTION_HELP = {
+    "time_limit": "seconds of training",
+    "pairs_per_batch": "(n, m) pairs per Adam step",
+    "hard_power": "weight designs by (KL_d / mean KL)**power of the previous epoch (0: off; "
+    "negative: favour typical designs over the hardest)",
+    "hard_cap": "clip of the design weights",
+    "n_large_rows": "nascent rows per b >= 1 design",
+}
+_OPTION_TYPE = {"time_limit": float, "n_large_rows": int}  # options whose default is None
+_OPTION_FLAG = {"cache_dir": "--cache"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of ``pybivi approximator train`` (``python -m pybivi.cme.training``)."""
     ap = argparse.ArgumentParser(prog="pybivi approximator train", description=__doc__)
     ap.add_argument("--out", default=str(WEIGHTS_DIR), help="output folder (default: shipped)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-designs", type=int, default=1024)
-    ap.add_argument("--n-heldout", type=int, default=500)
-    ap.add_argument("--n-large-burst", type=int, default=2048)
-    ap.add_argument("--epochs", type=int, default=90)
-    ap.add_argument("--n-rows", type=int, default=24)
-    ap.add_argument("--n-kernels", type=int, default=14)
-    ap.add_argument("--width", type=int, default=40)
-    ap.add_argument("--depth", type=int, default=2)
-    ap.add_argument("--cache", default=".cache/approximator")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--time-limit", type=float, default=None, help="seconds of training")
-    ap.add_argument("--state-cap", type=int, default=STATE_CAP)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--activation", default="relu", choices=["relu", "silu"])
-    ap.add_argument(
-        "--pairs-per-batch", type=int, default=1 << 14, help="(n, m) pairs per Adam step"
-    )
-    ap.add_argument(
-        "--hard-power",
-        type=float,
-        default=-0.3,
-        help="weight designs by (KL_d / mean KL)**power of the previous epoch (0: off; "
-        "negative: favour typical designs over the hardest)",
-    )
-    ap.add_argument("--hard-cap", type=float, default=10.0, help="clip of the design weights")
-    ap.add_argument("--n-large-rows", type=int, default=None, help="nascent rows per b >= 1 design")
+    params = inspect.signature(train_approximator).parameters
+    names = [n for n in params if n not in ("out_dir", "log")]
+    for name in names:
+        default = params[name].default
+        extra = {"choices": ["relu", "silu"]} if name == "activation" else {}
+        ap.add_argument(
+            _OPTION_FLAG.get(name, "--" + name.replace("_", "-")),
+            dest=name,
+            type=_OPTION_TYPE.get(name, type(default)),
+            default=default,
+            help=_OPTION_HELP.get(name),
+            **extra,
+        )
     a = ap.parse_args(argv)
-    path = train_approximator(
-        a.out,
-        seed=a.seed,
-        n_designs=a.n_designs,
-        n_heldout=a.n_heldout,
-        n_large_burst=a.n_large_burst,
-        epochs=a.epochs,
-        n_rows=a.n_rows,
-        n_kernels=a.n_kernels,
-        width=a.width,
-        depth=a.depth,
-        cache_dir=a.cache,
-        workers=a.workers,
-        threads=a.threads,
-        time_limit=a.time_limit,
-        state_cap=a.state_cap,
-        lr=a.lr,
-        activation=a.activation,
-        pairs_per_batch=a.pairs_per_batch,
-        hard_power=a.hard_power,
-        hard_cap=a.hard_cap,
-        n_large_rows=a.n_large_rows,
-        log=lambda s: print(s, flush=True),
-    )
+    options = {n: getattr(a, n) for n in names}
+    path = train_approximator(a.out, **options, log=lambda s: print(s, flush=True))
     print(f"wrote {path}")
     return 0
 
