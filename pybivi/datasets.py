@@ -195,7 +195,8 @@ def simulate_perturbseq(
         [f"program{p + 1}" if p >= 0 else "control" for p in prog_of_cell], dtype=object
     )
     # Weak perturbations carry no program annotation (like Norman et al.'s unlabelled ones).
-    programs[pert_idx >= n_programs * perturbations_per_program] = "unassigned"
+    n_annotated = n_programs * perturbations_per_program  # the weak ones come after these
+    programs[pert_idx >= n_annotated] = "unassigned"
     cells = _merge_doublets(
         design["n_doublets"],
         nascent=nascent, mature=mature, capture=design["capture"], perturbation=labels,
@@ -206,7 +207,7 @@ def simulate_perturbseq(
         adata.varm[f"{key}_change"] = effects[key]
     adata.varm["effect_kind"] = effects["kind"]
     adata.uns["simulation"] = _settings(
-        seed, kinds, table, n_programs * perturbations_per_program, control_label,
+        seed, kinds, table, n_annotated, control_label,
         cell_cycle_mode, frequency_log2, capture_median, capture_sigma,
     )
     return adata
