@@ -222,14 +222,18 @@ class BurstyConditional(nn.Module):
             self._device_copies[device] = replica.to(device).eval()
         return self._device_copies[device]
 
-    def _outside(self, n: Tensor, b: Tensor, beta: Tensor, gamma: Tensor, logs: Tensor) -> Tensor:
-        out = ((logs < self.box_lo) | (logs > self.box_hi)).any(dim=-1)
-        for mean, var in (
-            (b / beta, b / beta * (1 + b)),
-            (b / gamma, b / gamma * (1 + b * beta / (beta + gamma))),
-        ):
-            out |= mean + 10.0 * torch.sqrt(var) > STATE_CAP
-        return out | (n > STATE_CAP)
+    def _count_outside(self, n: Tensor, b: Tensor, beta: Tensor, gamma: Tensor) -> tuple[int, int]:
+        """How many pairs fall outside the domain, and how many of them have ``b < B_SMALL``."""
+        with torch.no_grad():  # bookkeeping only: no graph for it
+            logs = torch.stack([torch.log(b), torch.log(beta), torch.log(gamma)], dim=-1)
+            out = ((logs < self.box_lo) | (logs > self.box_hi)).any(dim=-1)
+            for mean, var in (
+                (b / beta, b / beta * (1 + b)),
+                (b / gamma, b / gamma * (1 + b * beta / (beta + gamma))),
+            ):
+                out |= mean + 10.0 * torch.sqrt(var) > STATE_CAP
+            out |= n > STATE_CAP
+            return int(out.sum()), int((b < B_SMALL).sum())
 
     def log_prob_mature_given_nascent(
         self, nascent: Tensor, mature: Tensor, b: Tensor, beta: Tensor, gamma: Tensor
@@ -259,27 +263,24 @@ class BurstyConditional(nn.Module):
         )
         n, m, b, beta, gamma = (t.to(self.compute_dtype) for t in ts)
         impl = self._for_device(b.device)
-        with torch.no_grad():  # bookkeeping only: no graph for it
-            logs = torch.stack([torch.log(b), torch.log(beta), torch.log(gamma)], dim=-1)
-            outside = impl._outside(n, b, beta, gamma, logs)
-            small = b < B_SMALL
-            n_out = int(outside.sum())
+        tally: list[tuple[int, int]] = []  # (outside, small-burst) per chunk of pairs
+        shape = n.shape
+        out = _PairwiseLogProb.apply(
+            impl, tally, *(t.reshape(-1) for t in (n, m, b, beta, gamma))
+        ).reshape(shape)
+        n_out = sum(count for count, _ in tally)
         if n_out:
             self.outside_count += n_out
             if not self._warned:
                 self._warned = True
                 warnings.warn(
-                    f"{n_out} of {outside.numel()} (n, m) pairs fell outside the approximator's "
-                    f"domain ({int(small.sum())} with b < {B_SMALL}: small-burst Poisson limit; "
-                    "others: clamped network inputs). Further counts accumulate in "
-                    "`outside_count` without warnings.",
+                    f"{n_out} of {out.numel()} (n, m) pairs fell outside the approximator's "
+                    f"domain ({sum(small for _, small in tally)} with b < {B_SMALL}: "
+                    "small-burst Poisson limit; others: clamped network inputs). Further "
+                    "counts accumulate in `outside_count` without warnings.",
                     UserWarning,
                     stacklevel=2,
                 )
-        shape = n.shape
-        out = _PairwiseLogProb.apply(
-            impl, *(t.reshape(-1) for t in (n, m, b, beta, gamma))
-        ).reshape(shape)
         return out.to(dtype)
 
     def _mlp_weights(self) -> list[Tensor]:

@@ -20,6 +20,8 @@ import math
 import torch
 from torch import Tensor
 
+from pybivi.cme._parallel import map_chunks
+
 # Bounds of the shared NB shape r (log scale): the network's output is clamped to them.
 _LOG_R_MIN, _LOG_R_MAX = math.log(1e-2), math.log(1e6)
 
@@ -117,25 +119,38 @@ def nb_mixture_log_prob(m: Tensor, log_means: Tensor, logw: Tensor, log_r: Tenso
     return shared + top + torch.log(torch.exp((per - top).clamp(min=-80.0)).sum(dim=0))
 
 
-def _log_rising_ratio_dlogr(m: Tensor, log_r: Tensor) -> Tensor:
-    """``d/d log r`` of :func:`log_rising_ratio`: ``r (psi(m + r) - psi(r)) - m``.
+def _rising_ratio_and_dlogr(m: Tensor, log_r: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`log_rising_ratio` and its derivative ``d/d log r``, sharing intermediates.
 
-    For ``r >= 8`` it differentiates the Stirling form term by term (no cancellation of
-    two digammas of size ``log r``), exactly as autograd would; below, digamma directly.
+    The derivative is ``r (psi(m + r) - psi(r)) - m``; for ``r >= 8`` it differentiates
+    the Stirling form term by term (no cancellation of two digammas of size ``log r``),
+    exactly as autograd would; below, lgamma and digamma directly. A branch no pair of
+    the block needs is skipped.
     """
     r = torch.exp(log_r)
     big = r >= 8.0
-    rb = torch.where(big, r, torch.full_like(r, 8.0))
-    mr = m + rb
-
-    def domega(x: Tensor) -> Tensor:  # the derivative of _omega
-        inv2 = 1.0 / (x * x)
-        return inv2 * (-1.0 / 12.0 + inv2 * (1.0 / 120.0 - inv2 / 252.0))
-
-    stirling = rb * (torch.log1p(m / rb) - (mr - 0.5) * m / (rb * mr) + domega(mr) - domega(rb))
-    rs = torch.where(big, torch.ones_like(r), r)
-    direct = rs * (torch.digamma(m + rs) - torch.digamma(rs)) - m
-    return torch.where(big, stirling, direct)
+    any_big, all_big = bool(big.any()), bool(big.all())
+    value = deriv = None
+    if any_big:
+        rb = r.clamp(min=8.0)  # the Stirling branch's r (8 where it is not used)
+        mr = m + rb
+        lq = torch.log1p(m / rb)
+        # the Stirling remainders (_omega) at m + r and r, and their derivatives, for both
+        # arguments at once: one (2, pairs) tensor halves the number of operations
+        inv = torch.stack([mr, rb]).reciprocal_()
+        sq = inv * inv
+        omega = inv * (1.0 / 12.0 - sq * (1.0 / 360.0 - sq / 1260.0))
+        domega = sq * (-1.0 / 12.0 + sq * (1.0 / 120.0 - sq / 252.0))
+        value = (mr - 0.5) * lq - m + (omega[0] - omega[1])
+        deriv = rb * (lq - (mr - 0.5) * m * inv[1] * inv[0] + (domega[0] - domega[1]))
+    if not all_big:
+        rs = r.clamp(max=8.0)  # the direct branch's r
+        direct = torch.lgamma(m + rs) - torch.lgamma(rs) - m * torch.log(rs)
+        direct_deriv = rs * (torch.digamma(m + rs) - torch.digamma(rs)) - m
+        if value is None:
+            return direct, direct_deriv
+        value, deriv = torch.where(big, value, direct), torch.where(big, deriv, direct_deriv)
+    return value, deriv
 
 
 def heads_mixture_forward(x, c, sigma, m, net, wb) -> tuple[Tensor, tuple]:
@@ -161,15 +176,22 @@ def heads_mixture_forward(x, c, sigma, m, net, wb) -> tuple[Tensor, tuple]:
     es = torch.exp(o[k + 1].clamp(-6.0, 3.0))
     spread = sigma * es
     z = net.z[:, None]
-    raw_means = (c + o[k]) + spread * z
-    log_means = raw_means.clamp(max=30.0)
+    # The (kernels, pairs) passes are memory-bound: each one below is a single kernel call,
+    # in place where possible (the arithmetic is that of nb_mixture_log_prob).
+    log_means = torch.addcmul(c + o[k], spread, z)
+    # Means beyond e^30 never arise from real inputs; clamp only when one does (the
+    # check is on the largest node, one value per pair).
+    capped = bool((c + o[k] + spread * net.z.max()).amax() > 30.0)
+    over = None
+    if capped:
+        over = log_means > 30.0
+        log_means.clamp_(max=30.0)
     sd = spread * net.dz + 1e-3
     raw_log_r = -2.0 * torch.log(sd) + o[k + 2]
     log_r = raw_log_r.clamp(_LOG_R_MIN, _LOG_R_MAX)
-    shared = log_rising_ratio(m, log_r) - torch.lgamma(m + 1.0)
+    rising, rising_dlogr = _rising_ratio_and_dlogr(m, log_r)
+    shared = rising - torch.lgamma(m + 1.0)
     r = torch.exp(log_r)
-    # In-place chains below: the same arithmetic as nb_mixture_log_prob, without a
-    # fresh (K, pairs) buffer per step (these passes are memory-bound).
     e = torch.sub(log_means, log_r).clamp_(min=-80.0).exp_()
     t = torch.log1p(e)
     # (r * t subtracted separately: a fused multiply-add would round differently)
@@ -177,7 +199,7 @@ def heads_mixture_forward(x, c, sigma, m, net, wb) -> tuple[Tensor, tuple]:
     top = per.amax(dim=0)
     q = per.sub_(top).clamp_(min=-80.0).exp_()
     total = q.sum(dim=0)
-    saved = (m, logw, o[k + 1], es, sigma, raw_means, sd, raw_log_r, e, t, q, total)
+    saved = (m, logw, o[k + 1], es, sigma, over, sd, raw_log_r, rising_dlogr, e, t, q, total)
     return shared + top + torch.log(total), (hidden, saved, net, wb)
 
 
@@ -187,12 +209,13 @@ def heads_mixture_backward(state: tuple, grad: Tensor | None = None) -> tuple[Te
     With ``rho_j`` the kernel responsibilities (softmax of the per-kernel terms ``u_j``)
     and ``s_j = mu_j / (mu_j + r)``: ``d/dL_j = rho_j (m - (m + r) s_j)``,
     ``d/dlogit_j = rho_j - w_j`` and ``d/dlog r = sum_j rho_j ((m + r) s_j - r t_j) +
-    dS/dlog r``. The (kernels, pairs) arithmetic is about half of what autograd records
-    for the same forward. Returns ``(d/dx, d/dc, d/dsigma)`` of ``sum(grad * out)``
+    dS/dlog r``. The sums over kernels of ``rho_j``, ``rho_j s_j`` and their products
+    with the nodes ``z_j`` are small matrix products, so only about ten (kernels, pairs)
+    passes remain. Returns ``(d/dx, d/dc, d/dsigma)`` of ``sum(grad * out)``
     (``grad = None``: all ones). The state's buffers are reused: call it once.
     """
     hidden, saved, net, wb = state
-    m, logw, o_spread, es, sigma, raw_means, sd, raw_log_r, e, t, q, total = saved
+    m, logw, o_spread, es, sigma, over, sd, raw_log_r, rising_dlogr, e, t, q, total = saved
     k = net.z.numel()
     log_r = raw_log_r.clamp(_LOG_R_MIN, _LOG_R_MAX)
     r = torch.exp(log_r)
@@ -200,14 +223,20 @@ def heads_mixture_backward(state: tuple, grad: Tensor | None = None) -> tuple[Te
     rho = q.div_(total)  # q is not needed afterwards
     s = e.div_(e + 1.0)  # sigmoid(L - log r) = mu / (mu + r), in e's buffer
     rs = s.mul_(rho)
-    g_log_r = mr * rs.sum(dim=0) - r * (rho * t).sum(dim=0)
-    g_means = torch.mul(rho, m).addcmul_(rs, mr, value=-1.0)
-    if bool(raw_means.amax() > 30.0):  # the clamp at 30 stops the gradient (rare)
-        g_means.mul_(raw_means <= 30.0)
-    g_log_r = g_log_r + _log_rising_ratio_dlogr(m, log_r)
+    ones_z = torch.stack([torch.ones_like(net.z), net.z])  # (2, kernels)
+    rs_sums = ones_z @ rs  # sum_j rho_j s_j and sum_j z_j rho_j s_j
+    g_log_r = mr * rs_sums[0] - r * t.mul_(rho).sum(dim=0)
+    if over is not None:  # capped means do not move with the centre or the spread
+        keep = ~over
+        rs_sums, rho_sums = ones_z @ (rs * keep), ones_z @ (rho * keep)
+    else:
+        rho_sums = ones_z @ rho  # sum_j rho_j (1 up to rounding) and sum_j z_j rho_j
+    # d/dL_j summed over kernels, plain and weighted by z_j
+    g_centre = m * rho_sums[0] - mr * rs_sums[0]
+    g_spread_z = m * rho_sums[1] - mr * rs_sums[1]
+    g_log_r = g_log_r + rising_dlogr
     g_log_r = g_log_r * ((raw_log_r >= _LOG_R_MIN) & (raw_log_r <= _LOG_R_MAX))
-    g_centre = g_means.sum(dim=0)
-    g_spread = (g_means * net.z[:, None]).sum(dim=0) - g_log_r * (2.0 * net.dz) / sd
+    g_spread = g_spread_z - g_log_r * (2.0 * net.dz) / sd
     go = torch.empty((k + 3,) + total.shape, dtype=total.dtype, device=total.device)
     torch.sub(rho, logw.exp_(), out=go[:k])  # through log_softmax: rho_j - w_j
     go[k] = g_centre
@@ -218,7 +247,9 @@ def heads_mixture_backward(state: tuple, grad: Tensor | None = None) -> tuple[Te
     g = go
     weights = wb[0::2]
     for i in range(len(weights) - 1, 0, -1):
-        g = torch.ops.aten.threshold_backward(weights[i].t() @ g, hidden[i - 1], 0.0)
+        # ReLU's derivative as the sign of its output, in place: the activations are not
+        # needed again, and this measured faster than threshold_backward.
+        g = (weights[i].t() @ g).mul_(hidden[i - 1].sign_())
     g_x = weights[0].t() @ g
     g_spread = g_spread * es
     if grad is not None:
@@ -257,21 +288,27 @@ class _PairwiseLogProb(torch.autograd.Function):
 
     Each output depends only on its own pair's ``(b, beta, gamma)``, so the gradient of
     the *sum* is the vector of per-pair partial derivatives: the forward pass computes
-    them and the backward pass is three multiplications. For a ReLU network the moment
+    them and the backward pass is three multiplications. The pairs are shared among
+    CPU worker threads (:mod:`pybivi.cme._parallel`). For a ReLU network the moment
     match and the network inputs are one autograd graph over all pairs, while the network
     and the mixture run on cache-sized blocks with their closed-form backward
     (:func:`heads_mixture_backward`); the gradients they return are pushed through the
     input graph once. Other networks run block by block under autograd. Double backward
-    is not supported (nothing in pybivi needs it).
+    is not supported (nothing in pybivi needs it). ``tally`` (a list) receives each
+    chunk's ``(pairs outside the domain, pairs with b < small_burst)``.
     """
 
     @staticmethod
-    def forward(ctx, model, n, m, b, beta, gamma):  # noqa: D102
-        want = tuple(ctx.needs_input_grad[3:6])
-        if any(want) and model.fused_relu:
-            out, derivs = _fused_value_and_derivs(model, n, m, b, beta, gamma, want)
-        else:
-            out, derivs = _blockwise_value_and_derivs(model, n, m, b, beta, gamma, want)
+    def forward(ctx, model, tally, n, m, b, beta, gamma):  # noqa: D102
+        want = tuple(ctx.needs_input_grad[4:7])
+        fused = any(want) and model.fused_relu
+        compute = _fused_value_and_derivs if fused else _blockwise_value_and_derivs
+
+        def chunk(n, m, b, beta, gamma):
+            tally.append(model._count_outside(n, b, beta, gamma))  # list.append: thread-safe
+            return compute(model, n, m, b, beta, gamma, want)
+
+        out, derivs = map_chunks(chunk, (n, m, b, beta, gamma), _BLOCK)
         ctx.save_for_backward(*(d for d in derivs if d is not None))
         ctx.want = want
         return out
@@ -280,7 +317,7 @@ class _PairwiseLogProb(torch.autograd.Function):
     def backward(ctx, grad_out):  # noqa: D102
         saved = iter(ctx.saved_tensors)
         grads = [grad_out * next(saved) if w else None for w in ctx.want]
-        return (None, None, None, *grads)
+        return (None, None, None, None, *grads)
 
 
 def _blockwise_value_and_derivs(model, n, m, b, beta, gamma, want):

@@ -1,0 +1,90 @@
+"""Split the approximator's pairs over CPU worker threads, one torch thread each.
+
+The bursty conditional runs about a hundred small elementwise and matrix operations per
+block of pairs. Torch's own intra-op parallelism splits every one of them across its
+threads and synchronises after each: on a 2-core CPU that measured *slower* than one
+thread (0.19 s vs 0.16 s per 256,000 pairs, forward + backward). Giving each worker
+thread its own share of the pairs, with one intra-op thread, uses the same cores without
+that synchronisation (``benchmarks/approximator_speed.py``). Torch releases the GIL
+inside its kernels, so Python threads suffice.
+
+The number of workers follows ``torch.get_num_threads()`` of the calling thread, so
+``torch.set_num_threads(1)`` keeps everything on the caller's thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_lock = threading.Lock()
+
+
+def _single_threaded_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A persistent pool of ``workers`` threads whose torch ops run single-threaded."""
+    with _lock:
+        pool = _pools.get(workers)
+        if pool is None:
+            caller_threads = torch.get_num_threads()
+            pool = ThreadPoolExecutor(
+                workers, thread_name_prefix="pybivi-cme", initializer=_single_threaded_worker
+            )
+            # Start every worker now, then restore the process-wide default that
+            # torch.set_num_threads(1) in a worker also wrote (threads created later
+            # initialise from it); the workers keep their own setting.
+            started = threading.Barrier(workers + 1)
+            for _ in range(workers):
+                pool.submit(started.wait)
+            started.wait()
+            torch.set_num_threads(caller_threads)
+            _pools[workers] = pool
+        return pool
+
+
+def chunk_bounds(n_items: int, workers: int, align: int) -> list[slice]:
+    """At most ``workers`` contiguous slices covering ``n_items``, each a multiple of ``align``.
+
+    Aligned chunks keep the block boundaries of the sequential computation, so the results
+    do not depend on the number of workers.
+    """
+    if n_items == 0:
+        return [slice(0, 0)]
+    blocks = -(-n_items // align)
+    per_chunk = -(-blocks // max(1, workers)) * align
+    return [slice(i, min(n_items, i + per_chunk)) for i in range(0, n_items, per_chunk)]
+
+
+def map_chunks(
+    fn: Callable[..., tuple[Tensor, Sequence[Tensor | None]]],
+    tensors: Sequence[Tensor],
+    align: int,
+) -> tuple[Tensor, list[Tensor | None]]:
+    """Apply ``fn(*chunk) -> (values, derivatives)`` to aligned chunks of 1-D ``tensors``.
+
+    CPU tensors with more than one block of ``align`` items are split over
+    ``torch.get_num_threads()`` worker threads; otherwise ``fn`` runs on the caller's
+    thread. Returns the concatenated values and derivatives (``None`` entries stay
+    ``None``).
+    """
+    n_items = tensors[0].numel()
+    workers = min(torch.get_num_threads(), -(-n_items // align))
+    if workers <= 1 or tensors[0].device.type != "cpu":
+        out, derivs = fn(*tensors)
+        return out, list(derivs)
+    chunks = chunk_bounds(n_items, workers, align)
+    futures = [_pool(workers).submit(fn, *(t[sl] for t in tensors)) for sl in chunks]
+    results = [f.result() for f in futures]
+    out = torch.cat([r[0] for r in results])
+    derivs: list[Tensor | None] = []
+    for j, d in enumerate(results[0][1]):
+        derivs.append(None if d is None else torch.cat([r[1][j] for r in results]))
+    return out, derivs
