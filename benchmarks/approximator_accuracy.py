@@ -26,7 +26,7 @@ import torch
 from approximator_common import BIVI_BOX, BIVI_WEIGHTS
 
 from pybivi.cme import load_approximator, load_bivi_approximator, load_default_approximator
-from pybivi.cme.training import HELDOUT_SEED, SCORE_ROWS, score, summarize
+from pybivi.cme.scoring import HELDOUT_SEED, SCORE_ROWS, score, summarize
 from pybivi.cme.training_data import build_dataset, design
 
 TARGETS = {"kl_median": 1e-4, "kl_p99": 5e-3, "hellinger_median": 0.003, "hellinger_max": 0.03}

@@ -20,7 +20,8 @@ from pybivi.cme.approximator import (
     nb_mixture_log_prob,
     sha256_of,
 )
-from pybivi.cme.training import score, summarize, train_approximator
+from pybivi.cme.scoring import score, summarize
+from pybivi.cme.training import train_approximator
 from pybivi.cme.training_data import bursty_joint, conditionals_of, design, grid_size
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
