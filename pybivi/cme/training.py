@@ -176,6 +176,55 @@ def training_command(**options) -> str:
     return " ".join(["pybivi approximator train", *args])
 
 
+def _exact_datasets(
+    cache: Path,
+    seed: int,
+    designs: tuple[int, int],
+    large_burst: tuple[int, int],
+    n_heldout: int,
+    state_cap: int,
+    workers: int,
+    log: Callable[[str], None],
+) -> tuple[ConditionalSet, ConditionalSet]:
+    """Exact conditionals for training and held-out scoring, built or read from ``cache``.
+
+    ``designs`` and ``large_burst`` are (parameter sets, nascent rows per set) of the
+    domain-wide Sobol design (seed ``seed``) and of the extra ``b >= 1`` one (seed
+    ``seed + 1``); the held-out sets are drawn uniformly with :data:`HELDOUT_SEED`.
+    """
+    (n_designs, n_rows), (n_large_burst, large_rows) = designs, large_burst
+    tag = "" if state_cap == STATE_CAP else f"_cap{state_cap}"
+    params = design(n_designs, seed, cap=state_cap)
+    train = build_dataset(
+        params,
+        cache / f"train_s{seed}_d{n_designs}_r{n_rows}{tag}",
+        n_rows,
+        workers=workers,
+        log=log,
+    )
+    if n_large_burst:
+        large_box = {**BOX, "log10_b": (0.0, BOX["log10_b"][1])}
+        extra = design(n_large_burst, seed + 1, box=large_box, cap=state_cap)
+        large = build_dataset(
+            extra,
+            cache / f"train_s{seed}_large{n_large_burst}_r{large_rows}{tag}",
+            large_rows,
+            workers=workers,
+            log=log,
+        )
+        train = ConditionalSet.concat([train, large])
+    held_params = design(n_heldout, HELDOUT_SEED, sobol=False, cap=state_cap)
+    held = build_dataset(
+        held_params,
+        cache / f"heldout_domain_d{n_heldout}_r{SCORE_ROWS}{tag}",
+        SCORE_ROWS,
+        workers=workers,
+        log=log,
+        extras=False,
+    )
+    return train, held
+
+
 def train_approximator(
     out_dir: str | Path,
     seed: int = 0,
@@ -254,40 +303,16 @@ def train_approximator(
     t0 = time.time()
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    cache = Path(cache_dir)
-    params = design(n_designs, seed, cap=state_cap)
-    tag = "" if state_cap == STATE_CAP else f"_cap{state_cap}"
-    train = build_dataset(
-        params,
-        cache / f"train_s{seed}_d{n_designs}_r{n_rows}{tag}",
-        n_rows,
-        workers=workers,
-        log=log,
-    )
     large_rows = n_rows if n_large_rows is None else n_large_rows
-    if n_large_burst:
-        large_box = {**BOX, "log10_b": (0.0, BOX["log10_b"][1])}
-        extra = design(n_large_burst, seed + 1, box=large_box, cap=state_cap)
-        train = ConditionalSet.concat(
-            [
-                train,
-                build_dataset(
-                    extra,
-                    cache / f"train_s{seed}_large{n_large_burst}_r{large_rows}{tag}",
-                    large_rows,
-                    workers=workers,
-                    log=log,
-                ),
-            ]
-        )
-    held_params = design(n_heldout, HELDOUT_SEED, sobol=False, cap=state_cap)
-    held = build_dataset(
-        held_params,
-        cache / f"heldout_domain_d{n_heldout}_r{SCORE_ROWS}{tag}",
-        SCORE_ROWS,
-        workers=workers,
-        log=log,
-        extras=False,
+    train, held = _exact_datasets(
+        Path(cache_dir),
+        seed,
+        (n_designs, n_rows),
+        (n_large_burst, large_rows),
+        n_heldout,
+        state_cap,
+        workers,
+        log,
     )
     log(
         f"exact data ready: {len(train.cond_n)} conditionals, {len(train.values)} pairs "
