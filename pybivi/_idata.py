@@ -1,11 +1,87 @@
 """Assembly of posterior draws into an :class:`arviz.InferenceData` (groups, dims, coords).
 
-Private to :mod:`pybivi.posterior`, which draws; this module only names and shapes.
+Private to :mod:`pybivi.posterior`, which draws; this module only collects, names and
+shapes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+
+
+class DrawBuffers:
+    """Preallocated arrays that the minibatches of :func:`pybivi.posterior.posterior` fill.
+
+    ``store`` ``{quantity: (draws, library, cells, genes)}``, ``latents`` ``{name: (draws,
+    cells, dims)}`` (allocated at the first batch, when the dims are known), ``observed``
+    ``{species: (cells, genes)}``, ``const`` per-cell arrays in minibatch parts and
+    ``replicated`` ``(draws, cells, genes, species)`` or ``None``.
+    """
+
+    def __init__(
+        self,
+        n_samples: int,
+        libraries: Sequence[str],
+        quantities: Sequence[str],
+        species: Sequence[str],
+        n_cells: int,
+        gene_idx: np.ndarray,
+        predictive: bool,
+    ) -> None:
+        self.n_samples, self.libraries, self.quantities = n_samples, tuple(libraries), quantities
+        self.species, self.n_cells, self.gene_idx = tuple(species), n_cells, gene_idx
+        shape = (n_samples, len(self.libraries), n_cells, gene_idx.size)
+        self.store = {q: np.empty(shape, np.float32) for q in quantities}
+        self.observed = {s: np.empty((n_cells, gene_idx.size), np.float32) for s in species}
+        self.latents: dict[str, np.ndarray] = {}
+        self.const: dict[str, list[np.ndarray]] = {}
+        self.replicated = None
+        if predictive:
+            self.replicated = np.empty(
+                (n_samples, n_cells, gene_idx.size, len(self.species)), np.float32
+            )
+
+    def add(self, cells: slice, batch: dict, draws: dict) -> None:
+        """Copy one minibatch's latents, decoded quantities, counts and labels to ``cells``."""
+        for name in ("z", "t"):
+            if draws[name] is not None:
+                value = draws[name].cpu().numpy()
+                if name not in self.latents:
+                    self.latents[name] = np.empty(
+                        (self.n_samples, self.n_cells, value.shape[-1]), np.float32
+                    )
+                self.latents[name][:, cells] = value
+        for li, lib in enumerate(self.libraries):
+            for q in self.quantities:
+                self.store[q][:, li, cells] = draws[lib][q].cpu().numpy()
+        for s in self.species:
+            self.observed[s][cells] = batch[f"x_{s}"][:, self.gene_idx].cpu().numpy()
+        for key in ("library_nascent", "library_mature", "label", "is_control"):
+            if key in batch:
+                self.const.setdefault(key, []).append(batch[key].cpu().numpy())
+
+    def add_replicated(self, cells: slice, counts: np.ndarray) -> None:
+        """Posterior-predictive counts of one minibatch, ``(draws * cells, genes, species)``."""
+        shape = (self.n_samples, -1, self.gene_idx.size, len(self.species))
+        self.replicated[:, cells] = counts.reshape(shape)
+
+    def to_inference_data(self, model, adata, rows: np.ndarray, groupby: str | None):
+        """The filled buffers as an InferenceData (see :func:`to_inference_data`)."""
+        return to_inference_data(
+            model,
+            adata,
+            rows,
+            self.gene_idx,
+            self.libraries,
+            self.store,
+            self.latents,
+            self.observed,
+            self.const,
+            self.replicated,
+            groupby,
+        )
 
 
 def to_inference_data(

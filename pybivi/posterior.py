@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pybivi._idata import to_inference_data
+from pybivi._idata import DrawBuffers
 
 __all__ = ["posterior", "iter_draws", "pooled_samples", "quantity_names", "LIBRARIES"]
 
@@ -339,18 +339,11 @@ def posterior(
         raise ValueError("no cells selected")
     names = tuple(quantities) if quantities is not None else quantity_names(model)
     gene_idx = _gene_index(model, genes)
-    n_cells, n_genes = rows.size, gene_idx.size
-    store: dict[str, np.ndarray] = {
-        q: np.empty((n_samples, len(libraries), n_cells, n_genes), np.float32) for q in names
-    }
     module = model.module
     species = tuple(getattr(module, "species", ("nascent", "mature")))
-    observed = {s: np.empty((n_cells, n_genes), np.float32) for s in species}
-    const: dict[str, list[np.ndarray]] = {}
-    latents: dict[str, np.ndarray] = {}
-    replicated = None
-    if posterior_predictive:
-        replicated = np.empty((n_samples, n_cells, n_genes, len(species)), np.float32)
+    buffers = DrawBuffers(
+        n_samples, libraries, names, species, rows.size, gene_idx, posterior_predictive
+    )
     pos = 0
     draws_iter = iter_draws(
         model,
@@ -368,38 +361,10 @@ def posterior(
             stack.enter_context(torch.random.fork_rng())
             torch.manual_seed(seed)
         for batch, draws in draws_iter:
-            sl = slice(pos, pos + len(batch["index"]))
-            for name in ("z", "t"):
-                if draws[name] is not None:
-                    value = draws[name].cpu().numpy()
-                    latents.setdefault(
-                        name, np.empty((n_samples, n_cells, value.shape[-1]), np.float32)
-                    )
-                    latents[name][:, sl] = value
-            for li, lib in enumerate(libraries):
-                for q in names:
-                    store[q][:, li, sl] = draws[lib][q].cpu().numpy()
-            for s in species:
-                observed[s][sl] = batch[f"x_{s}"][:, gene_idx].cpu().numpy()
-            for key in ("library_nascent", "library_mature", "label", "is_control"):
-                if key in batch:
-                    const.setdefault(key, []).append(batch[key].cpu().numpy())
-            if replicated is not None:
-                replicated[:, sl] = _predictive_counts(
-                    model, batch, draws["z"], draws["t"], gene_idx
-                ).reshape(n_samples, -1, n_genes, len(species))
-            pos = sl.stop
-    return to_inference_data(
-        model,
-        adata,
-        rows,
-        gene_idx,
-        libraries,
-        store,
-        latents,
-        observed,
-        const,
-        replicated,
-        groupby,
-    )
-
+            cells = slice(pos, pos + len(batch["index"]))
+            buffers.add(cells, batch, draws)
+            if posterior_predictive:
+                counts = _predictive_counts(model, batch, draws["z"], draws["t"], gene_idx)
+                buffers.add_replicated(cells, counts)
+            pos = cells.stop
+    return buffers.to_inference_data(model, adata, rows, groupby)
