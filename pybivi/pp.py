@@ -57,9 +57,7 @@ def cell_cycle_genes(var_names: Sequence[str] | None = None) -> dict[str, list[s
     return out
 
 
-def validate_counts(
-    adata: ad.AnnData, layers: Sequence[str] = ("unspliced", "spliced")
-) -> None:
+def validate_counts(adata: ad.AnnData, layers: Sequence[str] = ("unspliced", "spliced")) -> None:
     """Check that the count layers exist and hold non-negative integers.
 
     Raises
@@ -174,6 +172,48 @@ def _cell_filter(
     return keep, removed
 
 
+def _checked_inputs(
+    adata: object,
+    layers: tuple[str, str],
+    perturbation_key: str,
+    control_labels: str | Sequence[str],
+    hvg_flavor: str,
+) -> list[str]:
+    """Validate :func:`prepare`'s inputs (clear errors, nothing deep in scanpy); the controls."""
+    if not isinstance(adata, ad.AnnData):
+        raise ValueError(f"prepare expects an AnnData, got {type(adata).__name__}")
+    validate_counts(adata, layers)
+    if perturbation_key not in adata.obs:
+        raise KeyError(
+            f"perturbation_key {perturbation_key!r} is not a column of adata.obs "
+            f"(columns: {list(adata.obs.columns)})"
+        )
+    controls = [control_labels] if isinstance(control_labels, str) else list(control_labels)
+    labels = set(adata.obs[perturbation_key].astype(str))
+    missing = [c for c in controls if c not in labels]
+    if missing:
+        raise ValueError(f"control label(s) {missing} not found in obs[{perturbation_key!r}]")
+    if hvg_flavor not in ("seurat", "cell_ranger"):
+        raise ValueError(f"hvg_flavor must be 'seurat' or 'cell_ranger', not {hvg_flavor!r}")
+    return controls
+
+
+def _top_variable_genes(adata: ad.AnnData, n_top_genes: int, hvg_flavor: str) -> ad.AnnData:
+    """The ``n_top_genes`` most variable genes of the mature layer (scanpy's dispersions)."""
+    import scanpy as sc  # imported when needed: it is slow to import
+
+    tmp = ad.AnnData(X=_log_normalised(adata.layers["spliced"]))
+    tmp.var_names = adata.var_names
+    sc.pp.highly_variable_genes(tmp, n_top_genes=n_top_genes, flavor=hvg_flavor)
+    # scanpy keeps every gene tied at the cut-off; rank instead to get exactly n_top_genes.
+    disp = np.nan_to_num(tmp.var["dispersions_norm"].to_numpy(), nan=-np.inf)
+    top = np.zeros(adata.n_vars, dtype=bool)
+    top[np.argsort(-disp, kind="stable")[:n_top_genes]] = True
+    adata.var["highly_variable"] = top
+    adata.var["dispersions_norm"] = tmp.var["dispersions_norm"].to_numpy()
+    return adata[:, top].copy()
+
+
 def prepare(
     adata: ad.AnnData,
     perturbation_key: str = "perturbation",
@@ -239,23 +279,9 @@ def prepare(
     anndata.AnnData
         The prepared copy; ``uns["pybivi_prepare"]`` records what each step did.
     """
-    import scanpy as sc
-
-    if not isinstance(adata, ad.AnnData):
-        raise ValueError(f"prepare expects an AnnData, got {type(adata).__name__}")
-    validate_counts(adata, (nascent_layer, mature_layer))
-    if perturbation_key not in adata.obs:
-        raise KeyError(
-            f"perturbation_key {perturbation_key!r} is not a column of adata.obs "
-            f"(columns: {list(adata.obs.columns)})"
-        )
-    controls = [control_labels] if isinstance(control_labels, str) else list(control_labels)
-    labels = adata.obs[perturbation_key].astype(str)
-    missing = [c for c in controls if c not in set(labels)]
-    if missing:
-        raise ValueError(f"control label(s) {missing} not found in obs[{perturbation_key!r}]")
-    if hvg_flavor not in ("seurat", "cell_ranger"):
-        raise ValueError(f"hvg_flavor must be 'seurat' or 'cell_ranger', not {hvg_flavor!r}")
+    controls = _checked_inputs(
+        adata, (nascent_layer, mature_layer), perturbation_key, control_labels, hvg_flavor
+    )
 
     keep, removed = _cell_filter(
         adata, perturbation_key, controls, program_key, drop_labels, doublet_key
@@ -274,16 +300,7 @@ def prepare(
     expressed = np.asarray(out.layers["spliced"].sum(axis=0)).ravel() > 0
     out = out[:, expressed].copy()
     if n_top_genes is not None and n_top_genes < out.n_vars:
-        tmp = ad.AnnData(X=_log_normalised(out.layers["spliced"]))
-        tmp.var_names = out.var_names
-        sc.pp.highly_variable_genes(tmp, n_top_genes=n_top_genes, flavor=hvg_flavor)
-        # scanpy keeps every gene tied at the cut-off; rank instead to get exactly n_top_genes.
-        disp = np.nan_to_num(tmp.var["dispersions_norm"].to_numpy(), nan=-np.inf)
-        top = np.zeros(out.n_vars, dtype=bool)
-        top[np.argsort(-disp, kind="stable")[:n_top_genes]] = True
-        out.var["highly_variable"] = top
-        out.var["dispersions_norm"] = tmp.var["dispersions_norm"].to_numpy()
-        out = out[:, out.var["highly_variable"].to_numpy()].copy()
+        out = _top_variable_genes(out, n_top_genes, hvg_flavor)
 
     totals_n = np.asarray(out.layers["unspliced"].sum(axis=1)).ravel()
     totals_m = np.asarray(out.layers["spliced"].sum(axis=1)).ravel()
