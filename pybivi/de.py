@@ -331,12 +331,13 @@ def _mature_counts(model: Any):
     return x.tocsr() if hasattr(x, "tocsr") else np.asarray(x)
 
 
-# The figure-3 tables, plots and the ground-truth scores live in pybivi.de_report (it builds
-# on the tests above); they stay reachable as pybivi.de.<name> for convenience.
+# The figure-3 tables and plots live in pybivi.de_report and the ground-truth scores in
+# pybivi.de_truth (both build on the tests above); they stay reachable as pybivi.de.<name>.
 def __getattr__(name: str) -> Any:
     if not name.startswith("_"):
-        from pybivi import de_report
+        from pybivi import de_report, de_truth
 
-        if name in de_report.__all__:
-            return getattr(de_report, name)
+        for module in (de_report, de_truth):
+            if name in module.__all__:
+                return getattr(module, name)
     raise AttributeError(f"module 'pybivi.de' has no attribute {name!r}")
