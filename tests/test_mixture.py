@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import special
 
-from pybivi.cme.mixture import _exp_, _rising_ratio_and_dlogr
+from pybivi.cme.mixture import _count_terms, _exp_
 
 
 def _grid():
@@ -19,32 +19,42 @@ def _grid():
     return mm.reshape(-1), rr.reshape(-1)
 
 
-def test_rising_ratio_and_its_derivative_match_lgamma_and_digamma():
-    """``lgamma(m + r) - lgamma(r) - m log r`` and ``r (psi(m + r) - psi(r)) - m``, both branches.
+def test_count_terms_match_lgamma_and_digamma():
+    """``lgamma(m + r) - lgamma(r) - m log r - lgamma(m + 1)`` and ``r (psi(m + r) - psi(r)) - m``.
 
-    The reference is scipy in float64 (for r >= 8 Stirling's series is what avoids the
-    cancellation; scipy's values at r = 1e6 are themselves cancelling, hence the
-    absolute floor there).
+    Both branches of the evaluation (r below and above 8) are on the grid.
+
+    The reference is scipy in float64, whose own cancellation error (terms of size
+    ``lgamma(m + r)``, 1e7 at r = 1e6) sets the floor of the tolerance, elementwise;
+    Stirling's series with three terms is accurate to 3e-10 at r = 8.
     """
     m, r = _grid()
-    value, deriv = _rising_ratio_and_dlogr(m, torch.log(r))
+    value, deriv = _count_terms(m, torch.log(r))
     mn, rn = m.numpy(), r.numpy()
-    exact = special.gammaln(mn + rn) - special.gammaln(rn) - mn * np.log(rn)
+    eps = np.finfo(np.float64).eps
+    terms = [
+        special.gammaln(mn + rn),
+        special.gammaln(rn),
+        mn * np.log(rn),
+        special.gammaln(mn + 1),
+    ]
+    exact = terms[0] - terms[1] - terms[2] - terms[3]
+    floor = 1e-9 + 10 * eps * sum(np.abs(t) for t in terms)
+    assert np.all(np.abs(value.numpy() - exact) <= floor + 1e-12 * np.abs(exact))
     exact_deriv = rn * (special.digamma(mn + rn) - special.digamma(rn)) - mn
-    floor = 1e-9 * np.maximum(1.0, mn * np.log(rn).clip(min=1.0)) * np.where(rn > 1e5, 1e3, 1.0)
-    np.testing.assert_allclose(value.numpy(), exact, rtol=1e-9, atol=1e-9 + floor.max())
-    np.testing.assert_allclose(deriv.numpy(), exact_deriv, rtol=1e-7, atol=1e-7 + floor.max())
+    floor_deriv = 1e-9 + 10 * eps * rn * (np.abs(special.digamma(mn + rn)) + 1.0)
+    assert np.all(np.abs(deriv.numpy() - exact_deriv) <= floor_deriv + 1e-9 * np.abs(exact_deriv))
 
 
-def test_rising_ratio_vanishes_for_zero_and_one_molecule():
+def test_count_terms_vanish_for_zero_and_one_molecule():
     m, r = _grid()
-    value, deriv = _rising_ratio_and_dlogr(m, torch.log(r))
+    value, deriv = _count_terms(m, torch.log(r))
     few = m <= 1
     assert bool((value[few] == 0).all()) and bool((deriv[few] == 0).all())
     assert bool((value[~few].abs() > 0).any())  # and not elsewhere
 
 
-def test_rising_ratio_matches_autograd_of_its_value():
+def test_count_terms_derivative_is_that_of_the_value():
     """The derivative is d/dlog r of the value (finite differences in float64).
 
     Steps stay on one side of the branch switch at r = 8 (the series' truncation, about
@@ -54,9 +64,9 @@ def test_rising_ratio_matches_autograd_of_its_value():
     keep = (m >= 2) & (r < 1e5) & (r != 8.0)
     log_r = torch.log(r[keep])
     step = 1e-6
-    up, _ = _rising_ratio_and_dlogr(m[keep], log_r + step)
-    down, _ = _rising_ratio_and_dlogr(m[keep], log_r - step)
-    _, deriv = _rising_ratio_and_dlogr(m[keep], log_r)
+    up, _ = _count_terms(m[keep], log_r + step)
+    down, _ = _count_terms(m[keep], log_r - step)
+    _, deriv = _count_terms(m[keep], log_r)
     torch.testing.assert_close(deriv, (up - down) / (2 * step), rtol=1e-5, atol=1e-5)
 
 

@@ -145,13 +145,14 @@ def _direct_rising(m: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
     return value, deriv
 
 
-def _rising_ratio_and_dlogr(m: Tensor, log_r: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`log_rising_ratio` and its derivative ``d/d log r = r (psi(m + r) - psi(r)) - m``.
+def _count_terms(m: Tensor, log_r: Tensor) -> tuple[Tensor, Tensor]:
+    """``S(m, r) - lgamma(m + 1)`` (see :func:`log_rising_ratio`) and ``dS / d log r``.
 
-    Both vanish exactly for ``m = 0`` and ``m = 1``, most of the pairs of real data, so
-    only the pairs with ``m >= 2`` are evaluated, each by its own branch (Stirling's
-    series for ``r >= 8``, lgamma and digamma below): lgamma and digamma cost as much as
-    a dozen arithmetic passes.
+    ``dS / d log r = r (psi(m + r) - psi(r)) - m``. All three terms vanish exactly for
+    ``m = 0`` and ``m = 1``, most of the pairs of real data, so only the pairs with
+    ``m >= 2`` are evaluated, each by its own branch (Stirling's series for ``r >= 8``,
+    lgamma and digamma below): lgamma and digamma cost as much as a dozen arithmetic
+    passes.
     """
     value, deriv = torch.zeros_like(m), torch.zeros_like(m)
     r = torch.exp(log_r)
@@ -160,8 +161,9 @@ def _rising_ratio_and_dlogr(m: Tensor, log_r: Tensor) -> tuple[Tensor, Tensor]:
     for branch, chosen in ((_stirling_rising, several & big), (_direct_rising, several & ~big)):
         idx = chosen.nonzero().squeeze(1)
         if idx.numel():
-            v, d = branch(m[idx], r[idx])
-            value[idx], deriv[idx] = v, d
+            m_idx = m[idx]
+            v, d = branch(m_idx, r[idx])
+            value[idx], deriv[idx] = v.sub_(torch.lgamma(m_idx + 1.0)), d
     return value, deriv
 
 
@@ -215,8 +217,7 @@ def heads_mixture_forward(x, c, sigma, m, net, wb) -> tuple[Tensor, tuple]:
     sd = spread * net.dz + 1e-3
     raw_log_r = torch.log(sd).mul_(-2.0).add_(o[k + 2])
     log_r = raw_log_r.clamp(_LOG_R_MIN, _LOG_R_MAX)
-    rising, rising_dlogr = _rising_ratio_and_dlogr(m, log_r)
-    shared = rising.sub_(torch.lgamma(m + 1.0))
+    shared, rising_dlogr = _count_terms(m, log_r)
     r = torch.exp(log_r)
     # exact exp here: t multiplies m + r, which reaches 1e6, so e needs every bit
     e = torch.sub(log_means, log_r).clamp_(min=-80.0).exp_()
