@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pybivi.cme._parallel import chunk_bounds
-from pybivi.cme.approximator import DEFAULT_WEIGHTS, load_approximator
+from pybivi.cme.approximator import B_SMALL, DEFAULT_WEIGHTS, load_approximator
 from pybivi.cme.mixture import _BLOCK
 
 
@@ -91,3 +91,29 @@ def test_worker_threads_leave_the_callers_thread_settings_alone():
     fresh.start()
     fresh.join()
     assert seen == [2]  # threads started later still inherit the process default
+
+
+def test_domain_tally_follows_the_documented_rule():
+    """Outside = a log-parameter outside the box, n above the cap, or mean + 10 sd of either
+    species above the cap (computed here in float64 from the closed-form moments)."""
+    from pybivi.cme.domain import BOX, STATE_CAP
+
+    gen = torch.Generator().manual_seed(11)
+    count = 4000
+    b, beta, gamma = (10 ** (torch.rand(count, generator=gen) * 8 - 4) for _ in range(3))
+    n = torch.randint(0, 3 * STATE_CAP, (count,), generator=gen).float()
+    approx = load_approximator(DEFAULT_WEIGHTS)
+    got, small = approx._count_outside(n, b, beta, gamma)
+    b64, beta64, gamma64 = (x.double() for x in (b, beta, gamma))
+    outside = n > STATE_CAP
+    for x, key in ((b64, "log10_b"), (beta64, "log10_beta"), (gamma64, "log10_gamma")):
+        lo, hi = BOX[key]
+        outside |= (torch.log10(x) < lo) | (torch.log10(x) > hi)
+    mean_n, mean_m = b64 / beta64, b64 / gamma64
+    var_n = mean_n * (1 + b64)
+    var_m = mean_m * (1 + b64 * beta64 / (beta64 + gamma64))
+    outside |= mean_n + 10 * var_n.sqrt() > STATE_CAP
+    outside |= mean_m + 10 * var_m.sqrt() > STATE_CAP
+    assert 0 < got < count
+    assert abs(got - int(outside.sum())) <= 2  # float32 rounding at the boundaries
+    assert small == int((b < B_SMALL).sum())

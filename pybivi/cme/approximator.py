@@ -192,6 +192,8 @@ class BurstyConditional(nn.Module):
         lo, hi = _box_tensor()
         self.register_buffer("box_lo", lo.to(compute_dtype))
         self.register_buffer("box_hi", hi.to(compute_dtype))
+        self._box_lo_linear = [math.exp(v) for v in lo.tolist()]
+        self._box_hi_linear = [math.exp(v) for v in hi.tolist()]
         for p in self.parameters():
             p.requires_grad_(False)
 
@@ -225,14 +227,18 @@ class BurstyConditional(nn.Module):
     def _count_outside(self, n: Tensor, b: Tensor, beta: Tensor, gamma: Tensor) -> tuple[int, int]:
         """How many pairs fall outside the domain, and how many of them have ``b < B_SMALL``."""
         with torch.no_grad():  # bookkeeping only: no graph for it
-            logs = torch.stack([torch.log(b), torch.log(beta), torch.log(gamma)], dim=-1)
-            out = ((logs < self.box_lo) | (logs > self.box_hi)).any(dim=-1)
-            for mean, var in (
-                (b / beta, b / beta * (1 + b)),
-                (b / gamma, b / gamma * (1 + b * beta / (beta + gamma))),
-            ):
-                out |= mean + 10.0 * torch.sqrt(var) > STATE_CAP
+            # the box compared on the linear scale (no logarithms: this runs on every call)
+            out = torch.zeros_like(b, dtype=torch.bool)
+            bounds = zip(self._box_lo_linear, self._box_hi_linear, strict=True)
+            for x, (lo, hi) in zip((b, beta, gamma), bounds, strict=True):
+                out |= (x < lo) | (x > hi)
             out |= n > STATE_CAP
+            fano_nascent = b + 1.0
+            fano_mature = (b * beta).div_(beta + gamma).add_(1.0)
+            for mean, fano in ((b / beta, fano_nascent), (b / gamma, fano_mature)):
+                # mean + 10 sd beyond the cap (variance = mean * Fano factor); in place on
+                # the temporaries only
+                out |= fano.mul_(mean).sqrt_().mul_(10.0).add_(mean) > STATE_CAP
             return int(out.sum()), int((b < B_SMALL).sum())
 
     def log_prob_mature_given_nascent(
