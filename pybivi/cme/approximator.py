@@ -50,15 +50,19 @@ import torch
 from torch import Tensor, nn
 
 from pybivi.cme.domain import BOX, STATE_CAP
-from pybivi.cme.mixture import (  # moment_base and nodes: re-exported, part of the API
+from pybivi.cme.mixture import (  # nodes: re-exported, part of the API
     _LOG_R_MAX,
     _LOG_R_MIN,
     _HeadsMixture,
     _PairwiseLogProb,
-    moment_base,
     nb_mixture_log_prob,
     nodes,
     poisson_limit,
+)
+from pybivi.cme.moments import (  # moment_base: re-exported, part of the API
+    moment_base,
+    moment_match,
+    moment_match_vjp,
 )
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -312,6 +316,36 @@ class BurstyConditional(nn.Module):
         c, sigma = moment_base(n, b, beta, gamma)
         feats = self.net.features(n.clamp(max=STATE_CAP), lb, lbeta, lgam, c, sigma)
         return feats, c, sigma
+
+    def _network_inputs_vjp(self, n: Tensor, b: Tensor, beta: Tensor, gamma: Tensor):
+        """:meth:`_network_inputs` (no graph) and a function for its vector-Jacobian product.
+
+        Returns ``(feats, c, sigma, vjp)``; ``vjp(g_feats, g_c, g_sigma)`` gives the
+        gradients of ``sum(g_feats * feats) + sum(g_c * c) + sum(g_sigma * sigma)`` with
+        respect to ``(b, beta, gamma)``: the moment match in closed form
+        (:func:`~pybivi.cme.moments.moment_match_vjp`), the features (a few linear maps
+        and a log) by autograd on their own small graph, the clamps to the box as masks.
+        """
+        lo, hi = self.box_lo, self.box_hi
+        match = moment_match(n, b, beta, gamma)
+        logs = [torch.log(x) for x in (b, beta, gamma)]
+        clamped = [x.clamp(lo[i], hi[i]) for i, x in enumerate(logs)]
+        inside = [c == x for c, x in zip(clamped, logs, strict=True)]
+        with torch.enable_grad():
+            leaves = [x.requires_grad_(True) for x in (*clamped, match.c, match.sigma)]
+            feats = self.net.features(n.clamp(max=STATE_CAP), *leaves)
+
+        def vjp(g_feats: Tensor, g_c: Tensor, g_sigma: Tensor) -> tuple[Tensor, ...]:
+            g_logs = torch.autograd.grad(feats, leaves, g_feats)
+            grads = moment_match_vjp(match, g_c + g_logs[3], g_sigma + g_logs[4])
+            return tuple(
+                g.addcdiv_(g_log * mask, x)  # d log x / dx = 1 / x, where not clamped
+                for g, g_log, mask, x in zip(
+                    grads, g_logs[:3], inside, (b, beta, gamma), strict=True
+                )
+            )
+
+        return feats.detach(), match.c, match.sigma, vjp
 
     def _pairs_log_prob(self, n: Tensor, m: Tensor, b: Tensor, beta: Tensor, gamma: Tensor):
         """``log Phat(m | n)`` for one block of pairs (1-D tensors in ``compute_dtype``).

@@ -1,7 +1,8 @@
 """The negative-binomial mixture of the bursty approximator, and its fused autograd.
 
-:func:`moment_base` and :func:`nodes` place the kernels (a Poisson-lognormal moment match
-of the mature count given ``n``, see :mod:`pybivi.cme.approximator`).
+:func:`nodes` and :func:`pybivi.cme.moments.moment_base` place the kernels (a
+Poisson-lognormal moment match of the mature count given ``n``, see
+:mod:`pybivi.cme.approximator`).
 
 :func:`nb_mixture_log_prob` is the plain, autograd-traceable mixture
 ``log sum_j w_j NB(m; mu_j, r)`` with one shape ``r`` per pair, written so that only two
@@ -24,43 +25,6 @@ from pybivi.cme._parallel import map_chunks
 
 # Bounds of the shared NB shape r (log scale): the network's output is clamped to them.
 _LOG_R_MIN, _LOG_R_MAX = math.log(1e-2), math.log(1e6)
-
-
-_SIGMA_MAX = 4.0  # log-scale spread cap: beyond it the lognormal picture is meaningless
-
-
-def _digamma_trigamma(a: Tensor) -> tuple[Tensor, Tensor]:
-    """Cheap smooth ``digamma(a)`` and ``trigamma(a)`` (one recurrence step + asymptotics).
-
-    Accurate to about 1% at ``a -> 0`` and far better for ``a >= 1``; enough for the
-    moment match, which the MLP corrects anyway. ``torch.polygamma(1, .)`` would make
-    the backward pass call ``polygamma(2, .)``, about 100 times slower than a log.
-    """
-    x = a + 1.0
-    inv = 1.0 / x
-    inv2 = inv * inv
-    psi = torch.log(x) - 0.5 * inv - inv2 * (1.0 / 12.0 - inv2 / 120.0) - 1.0 / a
-    tri = inv + inv2 * (0.5 + inv * (1.0 / 6.0 - inv2 / 30.0)) + 1.0 / (a * a)
-    return psi, tri
-
-
-def moment_base(n: Tensor, b: Tensor, beta: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
-    """Centre and spread of the Poisson-lognormal match of the mature log-rate given ``N = n``.
-
-    Returns ``(c, sigma)`` such that ``log Lambda_M | n`` is about ``Normal(c, sigma^2)``.
-    """
-    s2n = torch.log1p(beta)
-    s2m = torch.log1p(beta * gamma / (beta + gamma))
-    kappa = s2m / s2n  # regression slope of the mature on the nascent log-rate, in (0, 1)
-    shape0 = 1.0 / beta
-    psi_n, tri_n = _digamma_trigamma(shape0 + n)
-    psi_0, _ = _digamma_trigamma(shape0)
-    # E[log Lambda_N | n] - E[log Lambda_N] under the exact Gamma prior and posterior
-    shift = psi_n - psi_0 - torch.log1p(b)
-    c = torch.log(b / gamma) - 0.5 * s2m + kappa * shift
-    var = s2m * (1.0 - kappa) + kappa**2 * tri_n
-    sigma = torch.sqrt(var.clamp(min=1e-12)).clamp(max=_SIGMA_MAX)
-    return c, sigma
 
 
 def nodes(k: int) -> Tensor:
@@ -372,10 +336,9 @@ def _blockwise_value_and_derivs(model, n, m, b, beta, gamma, want):
 
 def _fused_value_and_derivs(model, n, m, b, beta, gamma, want):
     """Values and per-pair derivatives with the closed-form network + mixture backward."""
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(w) for t, w in zip((b, beta, gamma), want, strict=True)]
-        feats, c, sigma = model._network_inputs(n, *leaves)
-    x, c_in, sigma_in = feats.detach().t(), c.detach(), sigma.detach()
+    with torch.no_grad():
+        feats, c, sigma, inputs_vjp = model._network_inputs_vjp(n, b, beta, gamma)
+    x = feats.t()
     wb = model._mlp_weights()
     out = torch.empty_like(b)
     g_x = torch.empty_like(x)
@@ -383,22 +346,11 @@ def _fused_value_and_derivs(model, n, m, b, beta, gamma, want):
     with torch.no_grad():
         for i in range(0, b.numel(), _BLOCK):
             sl = slice(i, i + _BLOCK)
-            val, state = heads_mixture_forward(
-                x[:, sl], c_in[sl], sigma_in[sl], m[sl], model.net, wb
-            )
+            val, state = heads_mixture_forward(x[:, sl], c[sl], sigma[sl], m[sl], model.net, wb)
             out[sl] = val
             g_x[:, sl], g_c[sl], g_sigma[sl] = heads_mixture_backward(state)
-    inputs = [x for x, w in zip(leaves, want, strict=True) if w]
-    # An output that does not depend on the wanted inputs has no graph (sigma without
-    # beta or gamma): leave it out.
-    graph = [(o, g) for o, g in ((feats, g_x.t()), (c, g_c), (sigma, g_sigma)) if o.requires_grad]
-    grads = iter(
-        torch.autograd.grad([o for o, _ in graph], inputs, [g for _, g in graph], allow_unused=True)
-    )
-    derivs = []
-    for w in want:
-        g = next(grads) if w else None
-        derivs.append(torch.zeros_like(b) if (w and g is None) else g)
+        grads = inputs_vjp(g_x.t(), g_c, g_sigma)
+    derivs = [g if w else None for g, w in zip(grads, want, strict=True)]
     small = b < model.small_burst
     if bool(small.any()):  # the exact small-burst limit replaces the network there
         out = torch.where(small, poisson_limit(m, b, gamma), out)
