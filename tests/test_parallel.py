@@ -76,6 +76,16 @@ def test_worker_threads_give_the_single_thread_answer():
         for g, h in zip(other_grads, grads, strict=True):
             torch.testing.assert_close(g, h, rtol=1e-6, atol=1e-6)
         assert other_messages == messages
+    # values alone (no gradient wanted: the other code path), in the workers too
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            alone = load_approximator(DEFAULT_WEIGHTS).log_prob_mature_given_nascent(
+                n, m, b, beta, gamma
+            )
+        assert not alone.requires_grad
+        torch.testing.assert_close(alone, value, rtol=1e-6, atol=1e-6)
 
 
 def test_worker_threads_leave_the_callers_thread_settings_alone():

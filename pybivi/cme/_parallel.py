@@ -3,10 +3,10 @@
 The bursty conditional runs about a hundred small elementwise and matrix operations per
 block of pairs. Torch's own intra-op parallelism splits every one of them across its
 threads and synchronises after each: on a 2-core CPU that measured *slower* than one
-thread (0.19 s vs 0.16 s per 256,000 pairs, forward + backward). Giving each worker
+thread (0.16 s vs 0.13 s per 256,000 pairs, forward + backward). Giving each worker
 thread its own share of the pairs, with one intra-op thread, uses the same cores without
-that synchronisation (``benchmarks/approximator_speed.py``). Torch releases the GIL
-inside its kernels, so Python threads suffice.
+that synchronisation: 0.09 s (``benchmarks/approximator_speed.py``). Torch releases the
+GIL inside its kernels, so Python threads suffice.
 
 The number of workers follows ``torch.get_num_threads()`` of the calling thread, so
 ``torch.set_num_threads(1)`` keeps everything on the caller's thread.
@@ -71,9 +71,9 @@ def map_chunks(
     """Apply ``fn(*chunk) -> (values, derivatives)`` to aligned chunks of 1-D ``tensors``.
 
     CPU tensors with more than one block of ``align`` items are split over
-    ``torch.get_num_threads()`` worker threads; otherwise ``fn`` runs on the caller's
-    thread. Returns the concatenated values and derivatives (``None`` entries stay
-    ``None``).
+    ``torch.get_num_threads()`` worker threads, which run ``fn`` in the caller's gradient
+    mode; otherwise ``fn`` runs on the caller's thread. Returns the concatenated values
+    and derivatives (``None`` entries stay ``None``).
     """
     n_items = tensors[0].numel()
     workers = min(torch.get_num_threads(), -(-n_items // align))
@@ -81,7 +81,13 @@ def map_chunks(
         out, derivs = fn(*tensors)
         return out, list(derivs)
     chunks = chunk_bounds(n_items, workers, align)
-    futures = [_pool(workers).submit(fn, *(t[sl] for t in tensors)) for sl in chunks]
+    grad_mode = torch.is_grad_enabled()  # thread-local: the workers take the caller's
+
+    def run(*chunk: Tensor):
+        with torch.set_grad_enabled(grad_mode):
+            return fn(*chunk)
+
+    futures = [_pool(workers).submit(run, *(t[sl] for t in tensors)) for sl in chunks]
     results = [f.result() for f in futures]
     out = torch.cat([r[0] for r in results])
     derivs: list[Tensor | None] = []

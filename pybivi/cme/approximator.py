@@ -53,8 +53,8 @@ from pybivi.cme.domain import BOX, STATE_CAP
 from pybivi.cme.mixture import (  # nodes: re-exported, part of the API
     _LOG_R_MAX,
     _LOG_R_MIN,
-    _HeadsMixture,
     _PairwiseLogProb,
+    heads_mixture_forward,
     nb_mixture_log_prob,
     nodes,
     poisson_limit,
@@ -350,12 +350,13 @@ class BurstyConditional(nn.Module):
     def _pairs_log_prob(self, n: Tensor, m: Tensor, b: Tensor, beta: Tensor, gamma: Tensor):
         """``log Phat(m | n)`` for one block of pairs (1-D tensors in ``compute_dtype``).
 
-        The plain autograd-traceable computation; :class:`_PairwiseLogProb` runs it on
+        The plain autograd-traceable computation (values only, without gradient recording,
+        by the fused forward of a ReLU network); :class:`_PairwiseLogProb` runs it on
         cache-sized blocks when no gradient is needed or the network is not ReLU.
         """
         feats, c, sigma = self._network_inputs(n, b, beta, gamma)
-        if self.fused_relu:
-            out = _HeadsMixture.apply(feats.t(), c, sigma, m, self.net, self._mlp_weights())
+        if self.fused_relu and not torch.is_grad_enabled():
+            out, _ = heads_mixture_forward(feats.t(), c, sigma, m, self.net, self._mlp_weights())
         else:
             log_means, logw, log_r = self.net.heads(feats, c, sigma)
             out = nb_mixture_log_prob(m, log_means, logw, log_r)

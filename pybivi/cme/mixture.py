@@ -196,7 +196,7 @@ def heads_mixture_forward(x, c, sigma, m, net, wb) -> tuple[Tensor, tuple]:
     return shared.add_(top).add_(torch.log(total)), (hidden, saved, net, wb)
 
 
-def heads_mixture_backward(state: tuple, grad: Tensor | None = None) -> tuple[Tensor, ...]:
+def heads_mixture_backward(state: tuple) -> tuple[Tensor, ...]:
     """Closed-form gradients of :func:`heads_mixture_forward`'s output.
 
     With ``rho_j`` the kernel responsibilities (softmax of the per-kernel terms ``u_j``)
@@ -204,8 +204,8 @@ def heads_mixture_backward(state: tuple, grad: Tensor | None = None) -> tuple[Te
     ``d/dlogit_j = rho_j - w_j`` and ``d/dlog r = sum_j rho_j ((m + r) s_j - r t_j) +
     dS/dlog r``. The sums over kernels of ``rho_j``, ``rho_j s_j`` and their products
     with the nodes ``z_j`` are small matrix products, so only about ten (kernels, pairs)
-    passes remain. Returns ``(d/dx, d/dc, d/dsigma)`` of ``sum(grad * out)``
-    (``grad = None``: all ones). The state's buffers are reused: call it once.
+    passes remain. Returns the per-pair ``(d/dx, d/dc, d/dsigma)`` of the output. The
+    state's buffers are reused: call it once.
     """
     hidden, saved, net, wb = state
     m, r, logw, spread_free, es, spread, over, sd, r_free, rising_dlogr, e, t, q, total = saved
@@ -233,8 +233,6 @@ def heads_mixture_backward(state: tuple, grad: Tensor | None = None) -> tuple[Te
     torch.sub(rho, logw, out=go[:k])  # through log_softmax: rho_j - w_j
     go[k] = g_centre
     torch.mul(g_spread, spread, out=go[k + 1]).mul_(spread_free)
-    if grad is not None:
-        go *= grad
     g = go
     weights = wb[0::2]
     for i in range(len(weights) - 1, 0, -1):
@@ -242,24 +240,7 @@ def heads_mixture_backward(state: tuple, grad: Tensor | None = None) -> tuple[Te
         # needed again, and this measured faster than threshold_backward.
         g = (weights[i].t() @ g).mul_(hidden[i - 1].sign_())
     g_x = weights[0].t() @ g
-    g_spread = g_spread * es
-    if grad is not None:
-        g_centre, g_spread = g_centre * grad, g_spread * grad
-    return g_x, g_centre, g_spread
-
-
-class _HeadsMixture(torch.autograd.Function):
-    """:func:`heads_mixture_forward` with :func:`heads_mixture_backward` as its backward."""
-
-    @staticmethod
-    def forward(ctx, x, c, sigma, m, net, wb):  # noqa: D102
-        out, ctx.state = heads_mixture_forward(x, c, sigma, m, net, wb)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        state, ctx.state = ctx.state, None
-        return (*heads_mixture_backward(state, grad), None, None, None)
+    return g_x, g_centre, g_spread * es
 
 
 def poisson_limit(m: Tensor, b: Tensor, gamma: Tensor) -> Tensor:
@@ -280,11 +261,12 @@ class _PairwiseLogProb(torch.autograd.Function):
     Each output depends only on its own pair's ``(b, beta, gamma)``, so the gradient of
     the *sum* is the vector of per-pair partial derivatives: the forward pass computes
     them and the backward pass is three multiplications. The pairs are shared among
-    CPU worker threads (:mod:`pybivi.cme._parallel`). For a ReLU network the moment
-    match and the network inputs are one autograd graph over all pairs, while the network
-    and the mixture run on cache-sized blocks with their closed-form backward
-    (:func:`heads_mixture_backward`); the gradients they return are pushed through the
-    input graph once. Other networks run block by block under autograd. Double backward
+    CPU worker threads (:mod:`pybivi.cme._parallel`). For a ReLU network the network and
+    the mixture run on cache-sized blocks with their closed-form backward
+    (:func:`heads_mixture_backward`), and the gradients they return go through the
+    network inputs by their vector-Jacobian product
+    (:meth:`~pybivi.cme.approximator.BurstyConditional._network_inputs_vjp`). Other
+    networks run block by block under autograd. Double backward
     is not supported (nothing in pybivi needs it). ``tally`` (a list) receives each
     chunk's ``(pairs outside the domain, pairs with b < small_burst)``.
     """
