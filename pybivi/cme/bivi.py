@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from pybivi.cme.approximator import nodes
+from pybivi.cme.mixture import nodes
 
 _KEYS = {
     "input.weight": (256, 7),

@@ -19,15 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pybivi.cme.approximator import (
-    WEIGHTS_DIR,
-    ConditionalNet,
-    load_approximator,
-    moment_base,
-    nb_mixture_log_prob,
-    save_approximator,
-)
+from pybivi.cme.approximator import WEIGHTS_DIR, load_approximator, save_approximator
 from pybivi.cme.domain import BOX, STATE_CAP
+from pybivi.cme.mixture import nb_mixture_log_prob
+from pybivi.cme.moments import moment_base
+from pybivi.cme.network import ConditionalNet
 from pybivi.cme.scoring import HELDOUT_SEED, SCORE_ROWS, LogProbFn, score, summarize
 from pybivi.cme.training_data import ConditionalSet, build_dataset, design
 
@@ -265,7 +261,7 @@ def train_approximator(
         bursts give the least regular conditionals and the state cap thins them out.
     epochs, n_rows, n_kernels, width, depth, lr, activation
         Training length, nascent rows kept per design, network shape, Adam step size and
-        hidden activation (see :class:`~pybivi.cme.approximator.ConditionalNet`).
+        hidden activation (see :class:`~pybivi.cme.network.ConditionalNet`).
     cache_dir
         Where exact solutions are cached (resumable; outside git).
     workers, threads
