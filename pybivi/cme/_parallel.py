@@ -3,12 +3,12 @@
 The bursty conditional runs about a hundred small elementwise and matrix operations per
 block of pairs. Torch's own intra-op parallelism splits every one of them across its
 threads and synchronises after each: on a 2-core CPU that measured *slower* than one
-thread (0.16 s vs 0.13 s per 256,000 pairs, forward + backward). Giving each worker
-thread its own share of the pairs, with one intra-op thread, uses the same cores without
-that synchronisation: 0.09 s (``benchmarks/approximator_speed.py``). Torch releases the
-GIL inside its kernels, so Python threads suffice.
+thread (0.16 s vs 0.13 s per 256,000 pairs, forward + backward). Giving each thread its
+own share of the pairs, with one intra-op thread, uses the same cores without that
+synchronisation (``benchmarks/approximator_speed.py``). Torch releases the GIL inside its
+kernels, so Python threads suffice.
 
-The number of workers follows ``torch.get_num_threads()`` of the calling thread, so
+The number of shares follows ``torch.get_num_threads()`` of the calling thread, so
 ``torch.set_num_threads(1)`` keeps everything on the caller's thread.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 from torch import Tensor
@@ -70,13 +70,17 @@ def map_chunks(
 ) -> tuple[Tensor, list[Tensor | None]]:
     """Apply ``fn(*chunk) -> (values, derivatives)`` to aligned chunks of 1-D ``tensors``.
 
-    CPU tensors with more than one block of ``align`` items are split over
-    ``torch.get_num_threads()`` worker threads, which run ``fn`` in the caller's gradient
-    mode; otherwise ``fn`` runs on the caller's thread. Returns the concatenated values
-    and derivatives (``None`` entries stay ``None``).
+    CPU tensors with more than one block of ``align`` items are split into
+    ``torch.get_num_threads()`` chunks: the caller's thread computes the first, worker
+    threads the others, all in the caller's gradient mode and with one torch thread each
+    (the caller's thread count is set to 1 meanwhile and restored afterwards: torch's and
+    MKL's own threads would compete with the workers for the same cores). Otherwise ``fn``
+    runs on the caller's thread alone. Returns the concatenated values and derivatives
+    (``None`` entries stay ``None``).
     """
     n_items = tensors[0].numel()
-    workers = min(torch.get_num_threads(), -(-n_items // align))
+    threads = torch.get_num_threads()
+    workers = min(threads, -(-n_items // align))
     if workers <= 1 or tensors[0].device.type != "cpu":
         out, derivs = fn(*tensors)
         return out, list(derivs)
@@ -87,8 +91,16 @@ def map_chunks(
         with torch.set_grad_enabled(grad_mode):
             return fn(*chunk)
 
-    futures = [_pool(workers).submit(run, *(t[sl] for t in tensors)) for sl in chunks]
-    results = [f.result() for f in futures]
+    pool = _pool(len(chunks) - 1)
+    torch.set_num_threads(1)
+    futures = []
+    try:
+        futures = [pool.submit(run, *(t[sl] for t in tensors)) for sl in chunks[1:]]
+        results = [fn(*(t[chunks[0]] for t in tensors))]
+        results += [f.result() for f in futures]
+    finally:
+        wait(futures)  # nothing left running on an error, before the threads come back
+        torch.set_num_threads(threads)
     out = torch.cat([r[0] for r in results])
     derivs: list[Tensor | None] = []
     for j, d in enumerate(results[0][1]):
