@@ -30,24 +30,18 @@ def _single_threaded_worker() -> None:
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    """A persistent pool of ``workers`` threads whose torch ops run single-threaded."""
+    """A persistent pool of ``workers`` threads whose torch ops run single-threaded.
+
+    ``torch.set_num_threads(1)`` in a worker also writes the process-wide default that
+    threads created later start from; :func:`map_chunks` restores it once its workers are
+    done (the pool starts its threads on first use, inside that call).
+    """
     with _lock:
-        pool = _pools.get(workers)
-        if pool is None:
-            caller_threads = torch.get_num_threads()
-            pool = ThreadPoolExecutor(
+        if workers not in _pools:
+            _pools[workers] = ThreadPoolExecutor(
                 workers, thread_name_prefix="pybivi-cme", initializer=_single_threaded_worker
             )
-            # Start every worker now, then restore the process-wide default that
-            # torch.set_num_threads(1) in a worker also wrote (threads created later
-            # initialise from it); the workers keep their own setting.
-            started = threading.Barrier(workers + 1)
-            for _ in range(workers):
-                pool.submit(started.wait)
-            started.wait()
-            torch.set_num_threads(caller_threads)
-            _pools[workers] = pool
-        return pool
+        return _pools[workers]
 
 
 def chunk_bounds(n_items: int, workers: int, align: int) -> list[slice]:

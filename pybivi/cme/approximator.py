@@ -227,13 +227,16 @@ class BurstyConditional(nn.Module):
         self, n: Tensor, b: Tensor, beta: Tensor, gamma: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """MLP inputs ``(pairs, 7)`` and the moment match ``(c, sigma)``, differentiable."""
-        lo, hi = self.box_lo, self.box_hi
-        lb = torch.log(b).clamp(lo[0], hi[0])
-        lbeta = torch.log(beta).clamp(lo[1], hi[1])
-        lgam = torch.log(gamma).clamp(lo[2], hi[2])
+        _, clamped = self._clamped_logs(b, beta, gamma)
         c, sigma = moment_base(n, b, beta, gamma)
-        feats = self.net.features(n.clamp(max=STATE_CAP), lb, lbeta, lgam, c, sigma)
+        feats = self.net.features(n.clamp(max=STATE_CAP), *clamped, c, sigma)
         return feats, c, sigma
+
+    def _clamped_logs(self, *params: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """``log b, log beta, log gamma`` and the same clamped to the training box."""
+        logs = [torch.log(x) for x in params]
+        bounds = zip(self.box_lo, self.box_hi, strict=True)
+        return logs, [x.clamp(lo, hi) for x, (lo, hi) in zip(logs, bounds, strict=True)]
 
     def _network_inputs_vjp(self, n: Tensor, b: Tensor, beta: Tensor, gamma: Tensor):
         """:meth:`_network_inputs` (no graph) and a function for its vector-Jacobian product.
@@ -244,10 +247,8 @@ class BurstyConditional(nn.Module):
         (:func:`~pybivi.cme.moments.moment_match_vjp`), the features (a few linear maps
         and a log) by autograd on their own small graph, the clamps to the box as masks.
         """
-        lo, hi = self.box_lo, self.box_hi
         match = moment_match(n, b, beta, gamma)
-        logs = [torch.log(x) for x in (b, beta, gamma)]
-        clamped = [x.clamp(lo[i], hi[i]) for i, x in enumerate(logs)]
+        logs, clamped = self._clamped_logs(b, beta, gamma)
         inside = [c == x for c, x in zip(clamped, logs, strict=True)]
         with torch.enable_grad():
             leaves = [x.requires_grad_(True) for x in (*clamped, match.c, match.sigma)]

@@ -84,18 +84,20 @@ def nb_mixture_log_prob(m: Tensor, log_means: Tensor, logw: Tensor, log_r: Tenso
 
 
 def _stirling_rising(m: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`log_rising_ratio` and its ``d/d log r`` by Stirling's series, for ``r >= 8``.
+    """:func:`log_rising_ratio`'s Stirling form and its ``d/d log r``, for ``r >= 8``.
 
     The derivative differentiates the series term by term (no cancellation of two
-    digammas of size ``log r``), exactly as autograd would.
+    digammas of size ``log r``), exactly as autograd would. (:func:`log_rising_ratio`
+    writes the value out itself, so that training's autograd graph is unchanged.)
     """
     mr = m + r
     lq = torch.log1p(m / r)
-    # the Stirling remainders (_omega) at m + r and r, and their derivatives, for both
-    # arguments at once: one (2, pairs) tensor halves the number of operations
-    inv = torch.stack([mr, r]).reciprocal_()
+    # the Stirling remainders at m + r and r, and their derivatives, for both arguments
+    # at once: one (2, pairs) tensor halves the number of operations
+    both = torch.stack([mr, r])
+    omega = _omega(both)
+    inv = both.reciprocal_()
     sq = inv * inv
-    omega = inv * (1.0 / 12.0 - sq * (1.0 / 360.0 - sq / 1260.0))
     domega = sq * (-1.0 / 12.0 + sq * (1.0 / 120.0 - sq / 252.0))
     value = (mr - 0.5) * lq - m + (omega[0] - omega[1])
     deriv = r * (lq - (mr - 0.5) * m * inv[1] * inv[0] + (domega[0] - domega[1]))
@@ -131,6 +133,9 @@ def _count_terms(m: Tensor, log_r: Tensor) -> tuple[Tensor, Tensor]:
     return value, deriv
 
 
+_LOG2E = 1.0 / math.log(2.0)
+
+
 def _exp_(x: Tensor) -> Tensor:
     """``exp(x)`` in place for ``x <= 0``, as ``2 ** (x log2 e)``; below -80 it gives e^-80.
 
@@ -141,9 +146,6 @@ def _exp_(x: Tensor) -> Tensor:
     on CPUs) and changes a sum by less than ``e^-80`` per term.
     """
     return x.mul_(_LOG2E).clamp_(min=-80.0 * _LOG2E).exp2_()
-
-
-_LOG2E = 1.0 / math.log(2.0)
 
 
 def heads_mixture_forward(x, c, sigma, m, net, wb) -> tuple[Tensor, tuple]:
@@ -266,9 +268,9 @@ class _PairwiseLogProb(torch.autograd.Function):
     (:func:`heads_mixture_backward`), and the gradients they return go through the
     network inputs by their vector-Jacobian product
     (:meth:`~pybivi.cme.approximator.BurstyConditional._network_inputs_vjp`). Other
-    networks run block by block under autograd. Double backward
-    is not supported (nothing in pybivi needs it). ``tally`` (a list) receives each
-    chunk's ``(pairs outside the domain, pairs with b < small_burst)``.
+    networks run block by block under autograd. Double backward is not supported (nothing
+    in pybivi needs it). ``tally`` (a list) receives each chunk's ``(pairs outside the
+    domain, pairs with b < small_burst)``.
     """
 
     @staticmethod
