@@ -2,10 +2,10 @@
 
 The bursty conditional runs about a hundred small elementwise and matrix operations per
 block of pairs. Torch's own intra-op parallelism splits every one of them across its
-threads and synchronises after each: on a 2-core CPU that measured *slower* than one
-thread (0.16 s vs 0.13 s per 256,000 pairs, forward + backward). Giving each thread its
-own share of the pairs, with one intra-op thread, uses the same cores without that
-synchronisation (``benchmarks/approximator_speed.py``). Torch releases the GIL inside its
+threads and synchronises after each. Giving each thread its own share of the pairs, with
+one intra-op thread, uses the same cores without that synchronisation: on two cores 0.086
+s against 0.100 s per 256,000 pairs, forward + backward
+(``benchmarks/approximator_breakdown.py``). Torch releases the GIL inside its
 kernels, so Python threads suffice.
 
 The number of shares follows ``torch.get_num_threads()`` of the calling thread, so
