@@ -290,7 +290,7 @@ def _reference_log_prob(approx, nascent, mature, b, beta, gamma):
     n, m, b, beta, gamma = (t.to(approx.compute_dtype) for t in ts)
     logs = torch.stack([torch.log(b), torch.log(beta), torch.log(gamma)], dim=-1)
     clamped = torch.maximum(torch.minimum(logs, approx.box_hi), approx.box_lo)
-    c, sigma = moment_base(n, b, beta, gamma)
+    c, sigma = moment_base(n, b, beta, gamma, approx.net.moment_slope)
     feats = approx.net.features(n.clamp(max=STATE_CAP), *clamped.unbind(-1), c, sigma)
     log_means, logw, log_r = approx.net.heads(feats, c, sigma)
     out = nb_mixture_log_prob(m, log_means, logw, log_r)
@@ -350,7 +350,13 @@ def test_fast_path_matches_the_autograd_reference(compute_dtype):
             fast, g_fast = _value_and_grads(fast_fn, n, m, params)
             ref, g_ref = _value_and_grads(ref_fn, n, m, params)
             assert torch.isfinite(fast).all() and all(torch.isfinite(x).all() for x in g_fast)
-            torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+            if compute_dtype == torch.float64:
+                torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+            else:
+                # float32: terms of size m log(...) cancel, so each side rounds by about
+                # 1e-7 (n + m) absolute at large counts
+                slack = 1e-5 + 1e-4 * ref.abs() + 1e-6 * (n + m).to(ref.dtype)
+                assert bool(((fast - ref).abs() <= slack).all())
             if compute_dtype == torch.float64:
                 for gf, gr in zip(g_fast, g_ref, strict=True):
                     torch.testing.assert_close(gf, gr, rtol=1e-4, atol=1e-6)

@@ -80,7 +80,8 @@ def test_exp_by_powers_of_two_is_exp_for_non_positive_arguments(dtype):
     torch.testing.assert_close(far, torch.full_like(far, math.exp(-80.0)), rtol=1e-5, atol=0)
 
 
-def test_moment_match_vjp_is_autograd_of_moment_base():
+@pytest.mark.parametrize("slope", ["gamma", "lognormal"])
+def test_moment_match_vjp_is_autograd_of_moment_base(slope):
     """The closed-form gradients equal autograd's through moment_base (float64, every regime)."""
     from pybivi.cme.moments import moment_base, moment_match, moment_match_vjp
 
@@ -94,11 +95,60 @@ def test_moment_match_vjp_is_autograd_of_moment_base():
     n = torch.randint(0, 3000, (count,), generator=gen).double()
     g_c, g_sigma = (torch.randn(count, generator=gen, dtype=torch.float64) for _ in range(2))
     leaves = [x.clone().requires_grad_(True) for x in (b, beta, gamma)]
-    c, sigma = moment_base(n, *leaves)
+    c, sigma = moment_base(n, *leaves, slope=slope)
     want = torch.autograd.grad((g_c * c + g_sigma * sigma).sum(), leaves)
-    match = moment_match(n, b, beta, gamma)
+    match = moment_match(n, b, beta, gamma, slope=slope)
     torch.testing.assert_close(match.c, c.detach())
     torch.testing.assert_close(match.sigma, sigma.detach())
-    assert bool((match.sigma == 4.0).any())  # the spread cap is exercised
+    if slope == "lognormal":  # the gamma slope keeps sigma^2 <= s2m, far below the cap
+        assert bool((match.sigma == 4.0).any())  # the spread cap is exercised
     for got, ref in zip(moment_match_vjp(match, g_c, g_sigma), want, strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
+
+
+def _exact_conditional_means(b, beta, gamma):
+    """P(n) and E[M | N = n] from the exact joint PMF."""
+    from pybivi.cme.training_data import bursty_joint
+
+    joint = np.asarray(bursty_joint(b, beta, gamma))
+    p_n = joint.sum(1)
+    mean = (joint * np.arange(joint.shape[1])).sum(1) / np.maximum(p_n, 1e-300)
+    return p_n, mean
+
+
+@pytest.mark.parametrize(
+    "b, beta, gamma",
+    [(30.0, 5.0, 8.0), (50.0, 3.0, 20.0), (10.0, 10.0, 4.0), (20.0, 2.0, 0.5)],
+)
+def test_gamma_slope_places_the_kernels_near_the_exact_conditional_mean(b, beta, gamma):
+    """Where bursts are rare (beta >> 1) the Gamma-unit slope keeps the centre within a few
+    nats of log E[M | n] on every row with mass, where the lognormal slope is off by up to
+    tens of nats; the network corrects what is left."""
+    from pybivi.cme.moments import moment_base
+
+    p_n, exact = _exact_conditional_means(b, beta, gamma)
+    rows = np.flatnonzero(p_n > 1e-3)
+    n = torch.tensor(rows, dtype=torch.float64)
+    params = [torch.full_like(n, v) for v in (b, beta, gamma)]
+    errors = {}
+    for slope in ("gamma", "lognormal"):
+        c, sigma = moment_base(n, *params, slope=slope)
+        # the lognormal's mean exp(c + sigma^2 / 2) against the exact conditional mean
+        errors[slope] = np.abs((c + sigma**2 / 2).numpy() - np.log(exact[rows]))
+    assert errors["gamma"].max() < 2.5
+    weight = p_n[rows] / p_n[rows].sum()
+    assert (weight * errors["gamma"]).sum() <= (weight * errors["lognormal"]).sum()
+
+
+@pytest.mark.parametrize("b, beta, gamma", [(5.0, 0.1, 0.3), (3.0, 0.02, 1.0)])
+def test_both_slopes_agree_with_the_exact_mean_when_bursts_overlap(b, beta, gamma):
+    """For beta << 1 the nascent log-rate is close to normal and both slopes are accurate."""
+    from pybivi.cme.moments import moment_base
+
+    p_n, exact = _exact_conditional_means(b, beta, gamma)
+    rows = np.flatnonzero(p_n > 1e-3)
+    n = torch.tensor(rows, dtype=torch.float64)
+    params = [torch.full_like(n, v) for v in (b, beta, gamma)]
+    for slope in ("gamma", "lognormal"):
+        c, sigma = moment_base(n, *params, slope=slope)
+        assert np.abs((c + sigma**2 / 2).numpy() - np.log(exact[rows])).max() < 0.1

@@ -13,8 +13,14 @@ count given ``n``:
   (``N`` is a Poisson-Gamma mixture), which gives the mean and variance of its log;
 * the rates' excess variances over Poisson (``Var - E``) give the lognormal variances
   ``log(1 + beta)`` (nascent) and ``log(1 + beta gamma / (beta + gamma))`` (mature,
-  equal to the log-covariance), hence a Gaussian regression of the mature log-rate on
-  the nascent one.
+  equal to the log-covariance), hence their correlation and a Gaussian regression of
+  the mature log-rate on the nascent one, taken in the units of the exact Gamma
+  (:func:`pybivi.cme.moments.moment_base`, ``slope="gamma"``). Where bursts are rare
+  (``beta >> 1``) the nascent log-rate's true variance ``psi'(1/beta)`` is far above
+  the lognormal ``log(1 + beta)``; regressing with the lognormal slope, as the earlier
+  weights did (sha256 5202677a, loaded with ``slope="lognormal"``), put the kernels
+  tens of nats from the conditional mean there and left the MLP a correction it could
+  not fit.
 
 As ``b -> 0`` with fixed means (``beta, gamma -> 0``) the spread vanishes and the
 kernels collapse on ``Poisson(mu_M)``: the constitutive limit is in the family. A small
@@ -228,7 +234,7 @@ class BurstyConditional(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """MLP inputs ``(pairs, 7)`` and the moment match ``(c, sigma)``, differentiable."""
         _, clamped = self._clamped_logs(b, beta, gamma)
-        c, sigma = moment_base(n, b, beta, gamma)
+        c, sigma = moment_base(n, b, beta, gamma, self.net.moment_slope)
         feats = self.net.features(n.clamp(max=STATE_CAP), *clamped, c, sigma)
         return feats, c, sigma
 
@@ -247,7 +253,7 @@ class BurstyConditional(nn.Module):
         (:func:`~pybivi.cme.moments.moment_match_vjp`), the features (a few linear maps
         and a log) by autograd on their own small graph, the clamps to the box as masks.
         """
-        match = moment_match(n, b, beta, gamma)
+        match = moment_match(n, b, beta, gamma, self.net.moment_slope)
         logs, clamped = self._clamped_logs(b, beta, gamma)
         inside = [c == x for c, x in zip(clamped, logs, strict=True)]
         with torch.enable_grad():
@@ -336,7 +342,8 @@ def load_approximator(
             f"checksum mismatch for {path}: the weights file does not match its metadata"
         )
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    config = {"activation": "silu", **blob["config"]}  # files written before the option
+    # defaults of files written before each option existed
+    config = {"activation": "silu", "moment_slope": "lognormal", **blob["config"]}
     net = ConditionalNet(**config)
     net.load_state_dict(blob["state_dict"])
     net.eval()

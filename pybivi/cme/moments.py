@@ -42,6 +42,10 @@ def _trigamma_derivative(a: Tensor) -> Tensor:
     return -inv2 * (1.0 + inv * (1.0 + inv * (0.5 - inv2 / 6.0))) - 2.0 / (a * a * a)
 
 
+SLOPES = ("gamma", "lognormal")
+"""How the mature log-rate is regressed on the nascent one (see :func:`moment_match`)."""
+
+
 class MomentMatch(NamedTuple):
     """Values and intermediates of :func:`moment_match` (all of the pairs' shape)."""
 
@@ -60,34 +64,67 @@ class MomentMatch(NamedTuple):
     tri_0: Tensor
     shift: Tensor
     var: Tensor
+    slope_scale: Tensor | None  # 1 / sqrt(s2n tri_0) for the "gamma" slope, else None
+    slope: Tensor
 
 
-def moment_match(n: Tensor, b: Tensor, beta: Tensor, gamma: Tensor) -> MomentMatch:
+def _check_slope(slope: str) -> None:
+    if slope not in SLOPES:
+        raise ValueError(f"slope must be one of {SLOPES}, got {slope!r}")
+
+
+def moment_match(
+    n: Tensor, b: Tensor, beta: Tensor, gamma: Tensor, slope: str = "gamma"
+) -> MomentMatch:
     """:func:`moment_base` with the intermediates :func:`moment_match_vjp` needs."""
+    _check_slope(slope)
     s2n = torch.log1p(beta)
     q = beta * gamma / (beta + gamma)
     s2m = torch.log1p(q)
-    kappa = s2m / s2n  # regression slope of the mature on the nascent log-rate, in (0, 1)
+    kappa = s2m / s2n  # the lognormal regression slope of the mature log-rate, in (0, 1)
     shape0 = 1.0 / beta
     a_n = shape0 + n
     psi_n, tri_n = _digamma_trigamma(a_n)
     psi_0, tri_0 = _digamma_trigamma(shape0)
     # E[log Lambda_N | n] - E[log Lambda_N] under the exact Gamma prior and posterior
     shift = psi_n - psi_0 - torch.log1p(b)
-    c = torch.log(b / gamma) - 0.5 * s2m + kappa * shift
-    var = s2m * (1.0 - kappa) + kappa**2 * tri_n
+    if slope == "gamma":
+        # The shift and its variance are the Gamma's: regress on the nascent log-rate
+        # in the Gamma's own units (log-variance tri_0, not the lognormal's s2n), keeping
+        # the lognormal correlation sqrt(kappa). The two agree for small beta; for
+        # beta >> 1 (rare bursts, 1/beta << 1) tri_0 ~ beta^2 >> s2n and the lognormal
+        # slope would move the centre by tens of nats.
+        slope_scale = torch.rsqrt(s2n * tri_0)
+        slope_value = s2m * slope_scale
+    else:
+        slope_scale, slope_value = None, kappa
+    c = torch.log(b / gamma) - 0.5 * s2m + slope_value * shift
+    var = s2m * (1.0 - kappa) + slope_value**2 * tri_n
     sigma = torch.sqrt(var.clamp(min=_VAR_MIN)).clamp(max=_SIGMA_MAX)
     return MomentMatch(
-        c, sigma, b, beta, gamma, s2n, q, s2m, kappa, shape0, a_n, tri_n, tri_0, shift, var
+        c, sigma, b, beta, gamma, s2n, q, s2m, kappa, shape0, a_n, tri_n, tri_0, shift, var,
+        slope_scale, slope_value,
     )
 
 
-def moment_base(n: Tensor, b: Tensor, beta: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
+def moment_base(
+    n: Tensor, b: Tensor, beta: Tensor, gamma: Tensor, slope: str = "gamma"
+) -> tuple[Tensor, Tensor]:
     """Centre and spread of the Poisson-lognormal match of the mature log-rate given ``N = n``.
 
-    Returns ``(c, sigma)`` such that ``log Lambda_M | n`` is about ``Normal(c, sigma^2)``.
+    Returns ``(c, sigma)`` such that ``log Lambda_M | n`` is about ``Normal(c, sigma^2)``:
+    ``c = log(b / gamma) - s2m / 2 + a shift`` and ``sigma^2 = s2m (1 - kappa) + a^2
+    tri_n``, where ``shift = psi(1/beta + n) - psi(1/beta) - log1p(b)`` and ``tri_n =
+    psi'(1/beta + n)`` are the exact change of mean and the variance of the nascent
+    log-rate given ``n`` (its prior is ``Gamma(1/beta, scale b)``), ``s2n = log1p(beta)``
+    and ``s2m = log1p(beta gamma / (beta + gamma))`` the lognormal log-variances of the
+    two rates (``s2m`` is also their log-covariance) and ``kappa = s2m / s2n``. The
+    slope ``a`` is ``s2m / sqrt(s2n psi'(1/beta))`` for ``slope="gamma"`` (the default:
+    the lognormal correlation, in the Gamma's units) or ``kappa`` for ``"lognormal"``
+    (weights written before the option, such as the earlier shipped sha256 5202677a;
+    off by up to tens of nats in the centre where ``beta >> 1``).
     """
-    match = moment_match(n, b, beta, gamma)
+    match = moment_match(n, b, beta, gamma, slope)
     return match.c, match.sigma
 
 
@@ -96,22 +133,33 @@ def moment_match_vjp(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``sum(g_c * c + g_sigma * sigma)`` with respect to ``(b, beta, gamma)``.
 
-    The chain rule through :func:`moment_match` written out: ``c = log(b / gamma) -
-    s2m / 2 + kappa shift`` and ``var = s2m (1 - kappa) + kappa^2 tri_n`` with ``kappa =
-    s2m / s2n``, ``shift = psi(1/beta + n) - psi(1/beta) - log1p(b)``, ``s2n =
-    log1p(beta)`` and ``s2m = log1p(beta gamma / (beta + gamma))``; the clamps of the
-    variance and of ``sigma`` stop the gradient where they act, as autograd's would.
+    The chain rule through :func:`moment_match` written out (see :func:`moment_base` for
+    the formulas); the clamps of the variance and of ``sigma`` stop the gradient where
+    they act, as autograd's would.
     """
     m = match
     free = (m.var > _VAR_MIN) & (m.sigma < _SIGMA_MAX)
     g_var = g_sigma * 0.5 / m.sigma * free
-    g_shift = g_c * m.kappa
-    g_kappa = g_c * m.shift + g_var * (2.0 * m.kappa * m.tri_n - m.s2m)
-    g_s2m = g_var * (1.0 - m.kappa) - 0.5 * g_c + g_kappa / m.s2n
-    g_s2n = -g_kappa * m.kappa / m.s2n
-    g_tri_n = g_var * m.kappa**2
+    g_shift = g_c * m.slope
+    g_slope = g_c * m.shift + g_var * (2.0 * m.slope * m.tri_n)
+    g_kappa = -g_var * m.s2m
+    g_tri_0 = None
+    g_s2m = g_var * (1.0 - m.kappa) - 0.5 * g_c
+    g_s2n = torch.zeros_like(g_c)
+    if m.slope_scale is None:  # the slope is kappa itself
+        g_kappa = g_kappa + g_slope
+    else:  # slope = s2m / sqrt(s2n tri_0)
+        g_s2m = g_s2m + g_slope * m.slope_scale
+        half = 0.5 * g_slope * m.slope
+        g_s2n = g_s2n - half / m.s2n
+        g_tri_0 = -half / m.tri_0
+    g_s2m = g_s2m + g_kappa / m.s2n
+    g_s2n = g_s2n - g_kappa * m.kappa / m.s2n
+    g_tri_n = g_var * m.slope**2
     # through psi(a_n) - psi(a_0), a_n = a_0 + n, a_0 = 1 / beta: d psi / da = tri
     g_a_0 = g_shift * (m.tri_n - m.tri_0) + g_tri_n * _trigamma_derivative(m.a_n)
+    if g_tri_0 is not None:
+        g_a_0 = g_a_0 + g_tri_0 * _trigamma_derivative(m.shape0)
     g_q = g_s2m / (1.0 + m.q)
     total = m.beta + m.gamma
     g_b = g_c / m.b - g_shift / (1.0 + m.b)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from pybivi.cme.mixture import _LOG_R_MAX, _LOG_R_MIN, nodes
+from pybivi.cme.moments import SLOPES
 
 
 class ConditionalNet(nn.Module):
@@ -28,16 +29,28 @@ class ConditionalNet(nn.Module):
         ``"relu"`` (default: the cheapest on a CPU, forward and backward) or ``"silu"``
         (smooth, but its exponentials underflow to subnormal floats for large inputs,
         measured 10 to 40 times slower per layer here).
+    moment_slope
+        Slope of the moment match that places the kernels (``"gamma"``, the default, or
+        ``"lognormal"`` for weights written before the option; see
+        :func:`pybivi.cme.moments.moment_base`).
     """
 
     n_features = 7
 
     def __init__(
-        self, n_kernels: int = 10, width: int = 32, depth: int = 2, activation: str = "relu"
+        self,
+        n_kernels: int = 10,
+        width: int = 32,
+        depth: int = 2,
+        activation: str = "relu",
+        moment_slope: str = "gamma",
     ) -> None:
         super().__init__()
         if activation not in ("relu", "silu"):
             raise ValueError(f"activation must be 'relu' or 'silu', got {activation!r}")
+        if moment_slope not in SLOPES:
+            raise ValueError(f"moment_slope must be one of {SLOPES}, got {moment_slope!r}")
+        self.moment_slope = moment_slope
         act = nn.ReLU if activation == "relu" else nn.SiLU
         layers: list[nn.Module] = []
         d = self.n_features
@@ -56,6 +69,7 @@ class ConditionalNet(nn.Module):
             "width": width,
             "depth": depth,
             "activation": activation,
+            "moment_slope": moment_slope,
         }
 
     def features(

@@ -22,7 +22,7 @@ import torch
 from pybivi.cme.approximator import WEIGHTS_DIR, load_approximator, save_approximator
 from pybivi.cme.domain import BOX, STATE_CAP
 from pybivi.cme.mixture import nb_mixture_log_prob
-from pybivi.cme.moments import moment_base
+from pybivi.cme.moments import SLOPES, moment_base
 from pybivi.cme.network import ConditionalNet
 from pybivi.cme.scoring import HELDOUT_SEED, SCORE_ROWS, LogProbFn, score, summarize
 from pybivi.cme.training_data import ConditionalSet, build_dataset, design
@@ -46,7 +46,7 @@ def _pair_tensors(cs: ConditionalSet) -> dict[str, torch.Tensor]:
 
 def conditional_log_prob(net: ConditionalNet, n, b, beta, gamma, pair_cond, m) -> torch.Tensor:
     """``log Phat(m | n)`` for pairs indexing per-conditional parameters (training layout)."""
-    c, sigma = moment_base(n, b, beta, gamma)
+    c, sigma = moment_base(n, b, beta, gamma, net.moment_slope)
     feats = net.features(n, torch.log(b), torch.log(beta), torch.log(gamma), c, sigma)
     log_means, logw, log_r = net.heads(feats, c, sigma)
     return nb_mixture_log_prob(m, log_means[:, pair_cond], logw[:, pair_cond], log_r[pair_cond])
@@ -239,6 +239,7 @@ def train_approximator(
     state_cap: int = STATE_CAP,
     lr: float = 3e-3,
     activation: str = "relu",
+    moment_slope: str = "gamma",
     pairs_per_batch: int = 1 << 14,
     hard_power: float = -0.3,
     hard_cap: float = 10.0,
@@ -259,9 +260,10 @@ def train_approximator(
     n_large_burst
         Extra training parameter sets with ``b >= 1`` (Sobol, seed ``seed + 1``): large
         bursts give the least regular conditionals and the state cap thins them out.
-    epochs, n_rows, n_kernels, width, depth, lr, activation
-        Training length, nascent rows kept per design, network shape, Adam step size and
-        hidden activation (see :class:`~pybivi.cme.network.ConditionalNet`).
+    epochs, n_rows, n_kernels, width, depth, lr, activation, moment_slope
+        Training length, nascent rows kept per design, network shape, Adam step size,
+        hidden activation and the moment match placing the kernels (see
+        :class:`~pybivi.cme.network.ConditionalNet`).
     cache_dir
         Where exact solutions are cached (resumable; outside git).
     workers, threads
@@ -314,7 +316,13 @@ def train_approximator(
         f"exact data ready: {len(train.cond_n)} conditionals, {len(train.values)} pairs "
         f"({time.time() - t0:.0f} s)"
     )
-    net = ConditionalNet(n_kernels=n_kernels, width=width, depth=depth, activation=activation)
+    net = ConditionalNet(
+        n_kernels=n_kernels,
+        width=width,
+        depth=depth,
+        activation=activation,
+        moment_slope=moment_slope,
+    )
     history = fit(
         net,
         train,
@@ -369,6 +377,7 @@ _OPTION_HELP = {
 }
 _OPTION_TYPE = {"time_limit": float, "n_large_rows": int}  # options whose default is None
 _OPTION_FLAG = {"cache_dir": "--cache"}
+_OPTION_CHOICES = {"activation": ("relu", "silu"), "moment_slope": SLOPES}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -379,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [n for n in params if n not in ("out_dir", "log")]
     for name in names:
         default = params[name].default
-        extra = {"choices": ["relu", "silu"]} if name == "activation" else {}
+        extra = {"choices": list(_OPTION_CHOICES[name])} if name in _OPTION_CHOICES else {}
         ap.add_argument(
             _OPTION_FLAG.get(name, "--" + name.replace("_", "-")),
             dest=name,
