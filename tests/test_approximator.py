@@ -88,10 +88,23 @@ def test_shipped_accuracy_on_small_heldout_set(approx, small_heldout):
     assert s["designs_with_invalid"] == 0
     assert s["kl_median"] <= 1e-4  # issue target
     assert s["hellinger_median"] <= 0.003  # issue target
-    # The issue's worst-case Hellinger target (max 0.03) is NOT met by the shipped
-    # weights at large bursts (b ~ 80-100 with beta/k, gamma/k ~ 2-10; held-out max 0.031,
-    # see benchmarks/approximator_accuracy.py). This bound guards against regressions.
-    assert s["hellinger_max"] <= 0.1
+    assert s["kl_p99"] <= 5e-3  # issue target
+    assert s["hellinger_max"] <= 0.03  # issue target
+
+
+def test_shipped_accuracy_where_bursts_are_large_and_rare(approx):
+    """The hardest region (b ~ 10-60 with beta/k > 1, where the held-out maxima sit): the
+    joint against the exact solver stays well inside the issue's worst-case bound. The
+    weights placed with the lognormal slope had Hellinger 0.012 to 0.022 on these sets."""
+    sets = np.array(
+        [(30, 5, 8), (50, 3, 20), (10, 10, 4), (60, 2, 4), (20, 4, 30), (40, 8, 15)], float
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = score(approx.log_prob_mature_given_nascent, conditionals_of(sets, None))
+    assert s["hellinger"].max() <= 0.02
+    assert np.median(s["hellinger"]) <= 0.012
+    assert s["kl"].max() <= 2e-3
 
 
 def test_training_solver_agrees_with_package_exact_pmf():
