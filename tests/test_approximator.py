@@ -18,6 +18,7 @@ from pybivi.cme.approximator import (
     load_approximator,
     load_default_approximator,
     nb_mixture_log_prob,
+    save_approximator,
     sha256_of,
 )
 from pybivi.cme.scoring import score, summarize
@@ -54,6 +55,33 @@ def test_shipped_weights_load_and_match_checksum(approx, tmp_path):
         f.write(b"\0")
     with pytest.raises(ValueError, match="checksum"):
         load_approximator(bad)
+
+
+def test_files_without_the_moment_slope_option_load_with_the_lognormal_slope(tmp_path):
+    """Weight files written before ``moment_slope`` existed were trained with the lognormal
+    slope: they must keep it (a different kernel placement would change every value)."""
+    from pybivi.cme.network import ConditionalNet
+
+    net = ConditionalNet(n_kernels=4, width=8, moment_slope="lognormal")
+    torch.nn.init.normal_(net.mlp[-1].weight, std=0.1)
+    path = save_approximator(net, tmp_path / "new", {"seed": 0})
+    blob = torch.load(path, weights_only=True)
+    assert blob["config"]["moment_slope"] == "lognormal"
+    del blob["config"]["moment_slope"]  # as written by the older code
+    old = tmp_path / "old" / path.name
+    old.parent.mkdir()
+    torch.save(blob, old)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["sha256"] = sha256_of(old)
+    old.with_suffix(".json").write_text(json.dumps(meta))
+    loaded = load_approximator(old)
+    assert loaded.net.moment_slope == "lognormal"
+    n, m = torch.tensor([0.0, 3.0, 12.0]), torch.tensor([1.0, 4.0, 9.0])
+    params = [torch.tensor([20.0, 20.0, 20.0]), torch.full((3,), 5.0), torch.full((3,), 3.0)]
+    want = load_approximator(path).log_prob_mature_given_nascent(n, m, *params)
+    torch.testing.assert_close(loaded.log_prob_mature_given_nascent(n, m, *params), want)
+    with pytest.raises(ValueError, match="moment_slope"):
+        ConditionalNet(moment_slope="normal")
 
 
 def test_nb_mixture_matches_scipy():
