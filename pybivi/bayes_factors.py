@@ -209,8 +209,10 @@ def combined_call(calls: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def median_ratio_normalize(
-    samples: np.ndarray, reference_profile: np.ndarray | None = None
-) -> np.ndarray:
+    samples: np.ndarray,
+    reference_profile: np.ndarray | None = None,
+    return_profile: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Rescale each sample so that its median ratio to a reference profile is 1.
 
     A composition-robust size factor (DESeq2's median of ratios) applied to posterior
@@ -229,11 +231,16 @@ def median_ratio_normalize(
         Positive per-gene profile, ``(n_genes,)``; default the per-gene median of
         ``samples`` itself. Pass the reference group's profile to put two groups on one
         scale.
+    return_profile
+        Also return the profile used (with ``reference_profile=None``, the per-gene
+        median of ``samples`` taken on the log scale), to put other groups on the same
+        scale.
 
     Returns
     -------
-    numpy.ndarray
-        The rescaled samples, same shape.
+    numpy.ndarray or tuple
+        The rescaled samples, same shape; with ``return_profile``, ``(rescaled,
+        profile)``.
     """
     x = _as_samples(samples, "samples")
     if not np.all(np.isfinite(x)) or np.any(x <= 0):
@@ -252,4 +259,5 @@ def median_ratio_normalize(
             raise ValueError("reference_profile must be positive and finite")
         log_profile = np.log(profile)
     offset = np.median(log_x - log_profile, axis=1, keepdims=True)
-    return np.exp(log_x - offset)
+    out = np.exp(log_x - offset)
+    return (out, np.exp(log_profile)) if return_profile else out

@@ -231,8 +231,10 @@ def kinetic(
     if normalize == "median_ratio":
         # The reference against its own per-gene median (this also validates its samples),
         # then every group against that same profile.
-        raw, ref_samples = ref_samples, {p: median_ratio_normalize(ref_samples[p]) for p in names}
-        profiles = {p: np.exp(np.median(np.log(raw[p]), axis=0)) for p in names}
+        for p in names:
+            ref_samples[p], profiles[p] = median_ratio_normalize(
+                ref_samples[p], return_profile=True
+            )
     tables = []
     for k, (g, mask) in enumerate(masks.items()):
         samples = sampler(mask, names, salt=k + 1)

@@ -23,8 +23,10 @@ def test_median_ratio_removes_per_sample_factors_and_keeps_minority_changes():
     np.testing.assert_allclose(lfc[:, ~changed], 0.0, atol=1e-10)
     np.testing.assert_allclose(lfc[:, changed], 3.0, atol=1e-10)
     # Without a profile, each gene's own median across samples is the reference.
-    own = median_ratio_normalize(samples)
+    own, own_profile = median_ratio_normalize(samples, return_profile=True)
     assert np.ptp(np.log2(own[:, ~changed]), axis=0).max() < 1e-10
+    np.testing.assert_allclose(own_profile, np.exp(np.median(np.log(samples), axis=0)), rtol=1e-12)
+    np.testing.assert_array_equal(median_ratio_normalize(samples), own)
 
 
 @pytest.mark.parametrize(
