@@ -148,6 +148,25 @@ def test_kinetic_from_inference_data_matches_closed_form():
         np.testing.assert_allclose(table[f"{name}_lfc_mean"], shifts, atol=0.08)
 
 
+def test_kinetic_median_ratio_removes_a_shift_shared_by_every_gene():
+    """A compositional shift of every gene of one group (here 0.8 log2) is taken out by
+    ``normalize="median_ratio"`` when most genes do not change, and only then."""
+    rng = np.random.default_rng(7)
+    shifts = [2.5, -2.5, 2.0] + [0.0] * 18
+    idata = _synthetic_idata(rng, shifts, [0.0] * len(shifts), s=0.3)
+    in_group = (idata.constant_data["program"] == "program1").values
+    for name in ("burst_size", "degradation_rate"):
+        idata.posterior[name].values[:, :, in_group, :] *= 2.0**0.8
+    plain = de.kinetic(idata, groupby="program", reference="control", n_pairs=20_000)
+    fixed = de.kinetic(
+        idata, groupby="program", reference="control", n_pairs=20_000, normalize="median_ratio"
+    )
+    np.testing.assert_allclose(plain["burst_size_lfc_mean"], np.add(shifts, 0.8), atol=0.1)
+    np.testing.assert_allclose(fixed["burst_size_lfc_mean"], shifts, atol=0.15)
+    np.testing.assert_allclose(fixed["degradation_rate_lfc_mean"], 0.0, atol=0.15)
+    assert list(fixed["burst_size_is_de"]) == [True] * 3 + [False] * 18
+
+
 def test_mean_from_inference_data_uses_normalised_expression():
     rng = np.random.default_rng(5)
     idata = _synthetic_idata(rng, [0.5, 0.0], [0.0, 0.0], n_draws=100)
