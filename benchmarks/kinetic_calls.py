@@ -30,7 +30,7 @@ Usage (one torch thread; the fit takes a few minutes, later runs about a minute)
     .venv/bin/python benchmarks/kinetic_calls.py [--epochs 60] [--refit]
         [--cells 3000 --genes 800 --seed 0] [--kl-warmup EPOCHS] [--samples 5000]
         [--means-lr-factor 10] [--likelihood-check 6] [--lr 3e-3]
-        [--normalize median_ratio] [--group-level 40]
+        [--normalize median_ratio] [--group-level 40] [--n-salient 6]
 """
 
 from __future__ import annotations
@@ -84,12 +84,14 @@ def fit_or_load(adata, args: argparse.Namespace):
         tag += f"_m{args.means_lr_factor:g}"
     if args.lr != 1e-3:
         tag += f"_lr{args.lr:g}"
+    if args.n_salient != 10:
+        tag += f"_t{args.n_salient}"
     path = ROOT / ".cache" / "kinetic_calls" / tag
     ContrastiveBiVI.setup_anndata(adata, perturbation_key="perturbation", control_labels=["NT"])
     if (path / "config.json").exists() and not args.refit:
         print(f"model: cached {path.relative_to(ROOT)}")
         return ContrastiveBiVI.load(path, adata)
-    model = ContrastiveBiVI(adata, seed=args.seed)
+    model = ContrastiveBiVI(adata, n_salient=args.n_salient, seed=args.seed)
     t0 = time.perf_counter()
     with _means_lr(model.module, args.means_lr_factor):
         model.train(
@@ -210,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--means-lr-factor", type=float, default=1.0,
                         help="experiment: learning-rate factor of the salient prior means")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--n-salient", type=int, default=10,
+                        help="salient dimensions (default 10, the paper's)")
     parser.add_argument("--normalize", choices=("median_ratio",), default=None,
                         help="pybivi.de.kinetic's normalize (default: none, the paper's)")
     parser.add_argument("--refit", action="store_true")
