@@ -84,14 +84,16 @@ def fit_or_load(adata, args: argparse.Namespace):
         tag += f"_m{args.means_lr_factor:g}"
     if args.lr != 1e-3:
         tag += f"_lr{args.lr:g}"
-    if args.n_salient != 10:
+    # None leaves the model's own default (the paper's 10) and the cache tag unchanged.
+    salient = {} if args.n_salient is None else {"n_salient": args.n_salient}
+    if salient:
         tag += f"_t{args.n_salient}"
     path = ROOT / ".cache" / "kinetic_calls" / tag
     ContrastiveBiVI.setup_anndata(adata, perturbation_key="perturbation", control_labels=["NT"])
     if (path / "config.json").exists() and not args.refit:
         print(f"model: cached {path.relative_to(ROOT)}")
         return ContrastiveBiVI.load(path, adata)
-    model = ContrastiveBiVI(adata, n_salient=args.n_salient, seed=args.seed)
+    model = ContrastiveBiVI(adata, seed=args.seed, **salient)
     t0 = time.perf_counter()
     with _means_lr(model.module, args.means_lr_factor):
         model.train(
@@ -212,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--means-lr-factor", type=float, default=1.0,
                         help="experiment: learning-rate factor of the salient prior means")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    parser.add_argument("--n-salient", type=int, default=10,
-                        help="salient dimensions (default 10, the paper's)")
+    parser.add_argument("--n-salient", type=int, default=None,
+                        help="salient dimensions (default: the model's, 10 as in the paper)")
     parser.add_argument("--normalize", choices=("median_ratio",), default=None,
                         help="pybivi.de.kinetic's normalize (default: none, the paper's)")
     parser.add_argument("--refit", action="store_true")
