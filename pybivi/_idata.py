@@ -114,6 +114,10 @@ def to_inference_data(
     posterior_ds = xr.Dataset(
         post, coords={**coords, **cell_gene, "library": list(libraries), **latent_coords}
     )
+    scheme = getattr(model.module, "scheme", None)
+    if scheme is not None:
+        # Lets group-level tests map pseudo-bulk means through the same kinetic map.
+        posterior_ds.attrs["scheme"] = scheme.name
     if "nascent" in observed:
         obs_da = xr.DataArray(
             np.stack([observed[s] for s in species], -1), dims=("cell", "gene", "species")

@@ -36,6 +36,14 @@ from pybivi.bayes_factors import (
     kinetic_bayes_factors,
     median_ratio_normalize,
 )
+from pybivi.de_group import GROUP_DELTA, group_test
+from pybivi.de_sources import (
+    Sampler,
+    default_kinetic_params,
+    group_masks,
+    is_idata,
+    mature_counts,
+)
 
 __all__ = [
     "kinetic_bayes_factors",
@@ -47,120 +55,6 @@ __all__ = [
     "mean",
 ]
 
-# --------------------------------------------------------------------------- model-facing
-def _is_idata(obj: Any) -> bool:
-    return hasattr(obj, "posterior") and hasattr(obj, "constant_data")
-
-
-def _group_masks(
-    labels: np.ndarray,
-    is_control: np.ndarray | None,
-    group: str | Sequence[str] | None,
-    reference: str,
-    groupby: str,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Boolean masks of the reference cells and of each tested group."""
-    labels = np.asarray(labels).astype(str)
-    if reference in set(labels):
-        ref = labels == reference
-    elif reference == "control" and is_control is not None:
-        ref = np.asarray(is_control, dtype=bool)
-    else:
-        raise ValueError(
-            f"reference {reference!r} is not a value of {groupby!r} "
-            f"(values: {sorted(set(labels))[:10]})"
-        )
-    if not ref.any():
-        raise ValueError(f"no reference cells ({reference!r})")
-    if group is None:
-        names = [g for g in np.unique(labels[~ref])]
-    else:
-        names = [group] if isinstance(group, str) else [str(g) for g in group]
-    missing = [g for g in names if not np.any((labels == g) & ~ref)]
-    if missing:
-        raise ValueError(f"group(s) {missing} have no cells in {groupby!r} outside the reference")
-    if not names:
-        raise ValueError("no group to test against the reference")
-    return ref, {g: (labels == g) & ~ref for g in names}
-
-
-def _model_labels(model: Any, groupby: str) -> tuple[np.ndarray, np.ndarray | None]:
-    obs = model.adata.obs
-    if groupby not in obs:
-        raise KeyError(f"groupby column {groupby!r} not in adata.obs (columns: {list(obs)})")
-    reg = model.registry
-    ctrl = None
-    if reg.perturbation_key is not None:
-        ctrl = obs[reg.perturbation_key].astype(str).isin(reg.control_labels).to_numpy()
-    return obs[groupby].astype(str).to_numpy(), ctrl
-
-
-def _idata_samples(idata: Any, name: str, mask: np.ndarray) -> np.ndarray:
-    """Pooled ``(chain * draw * cells, gene)`` samples of ``name`` at the reference library."""
-    da = idata.posterior[name]
-    if "library" in da.dims:
-        da = da.sel(library="reference" if "reference" in da["library"] else da["library"][0])
-    da = da.isel(cell=np.flatnonzero(mask)).transpose("chain", "draw", "cell", "gene")
-    return da.values.reshape(-1, da.sizes["gene"])
-
-
-class _Sampler:
-    """Pooled posterior samples per group, from a model (drawn) or an InferenceData (read)."""
-
-    def __init__(self, source: Any, groupby: str, n_samples: int, seed: int, batch_size: int):
-        self.source, self.n_samples, self.seed = source, n_samples, seed
-        self.batch_size = batch_size
-        if _is_idata(source):
-            const = source.constant_data
-            if groupby not in const:
-                raise KeyError(
-                    f"{groupby!r} not in the InferenceData's constant_data: export it with "
-                    f"model.posterior(groupby={groupby!r}, ...)"
-                )
-            self.labels = const[groupby].values.astype(str)
-            self.is_control = const["is_control"].values if "is_control" in const else None
-            self.genes = [str(g) for g in source.posterior["gene"].values]
-        else:
-            self.labels, self.is_control = _model_labels(source, groupby)
-            self.genes = list(source.registry.var_names)
-
-    def __call__(self, mask: np.ndarray, names: Sequence[str], salt: int) -> dict:
-        if _is_idata(self.source):
-            out = {}
-            for n in names:
-                if n.startswith("rho_"):
-                    const = self.source.constant_data
-                    ref = float(const[f"reference_library_{n[4:]}"])
-                    out[n] = _idata_samples(self.source, f"mean_{n[4:]}", mask) / ref
-                else:
-                    out[n] = _idata_samples(self.source, n, mask)
-            return out
-        from pybivi.posterior import pooled_samples
-
-        return pooled_samples(
-            self.source,
-            np.flatnonzero(mask),
-            self.n_samples,
-            names,
-            library="reference",
-            batch_size=self.batch_size,
-            seed=self.seed + salt,
-        )
-
-
-def _default_kinetic_params(source: Any) -> tuple[str, ...]:
-    if _is_idata(source):
-        names = [v for v in source.posterior.data_vars if v not in ("z", "t")]
-        names = [v for v in names if not v.startswith("mean_")]
-    else:
-        scheme = source.module.scheme
-        if scheme is None:
-            raise ValueError("kinetic DE needs a model with a reaction scheme (a CME likelihood)")
-        names = list(scheme.kinetic_param_names)
-    if {"burst_size", "degradation_rate"} <= set(names):
-        return ("burst_size", "degradation_rate")  # the paper's pair; beta/k = 1/theta is fixed
-    return tuple(names)
-
 
 def kinetic(
     model_or_idata: Any,
@@ -169,7 +63,16 @@ def kinetic(
     reference: str = "control",
     *,
     params: Sequence[str] | None = None,
-    delta: float = 1.0,
+    method: str = "group",
+    estimate: str = "observed",
+    delta: float | None = None,
+    fdr_target: float | None = 0.05,
+    shrink: bool = True,
+    null_repeats: int = 3,
+    aggregate: str = "pseudobulk",
+    n_draws: int = 100,
+    n_posterior: int = 1000,
+    credible_mass: float = 0.95,
     bf_threshold: float = 3.0,
     n_pairs: int = 10_000,
     n_samples: int = 5_000,
@@ -177,13 +80,30 @@ def kinetic(
     batch_size: int = 256,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Kinetic Bayes-factor test of groups of cells against a reference (SPEC section 6).
+    """Kinetic differential test of groups of cells against a reference.
+
+    Two methods (the user guide's "Kinetic calls" section compares them):
+
+    * ``"group"`` (default): each group's population-level kinetic parameters at the
+      reference library (the scheme's kinetic map of its mean normalised nascent and
+      mature expression), their log2 fold change against the reference, its sampling
+      uncertainty, empirical-Bayes shrinkage across genes, a three-way test
+      (``P(lfc >= delta)``, ``P(lfc <= -delta)``, ``P(|lfc| < delta)``) and calls under
+      posterior expected false-discovery-rate control (``fdr_target``). The same test on
+      control-versus-control splits (random reference subsets, size-matched to each
+      group, against the rest of the reference) gives each group's null call rate. See
+      :mod:`pybivi.de_group`.
+    * ``"pairs"``: biVI's procedure as in the ContrastiveBiVI paper (appendix E): pooled
+      draws of the two groups' cells, ``n_pairs`` random pairs, the Bayes factor of
+      ``|lfc| >= delta`` against ``|lfc| < delta``, calls where it exceeds
+      ``bf_threshold`` (paper: ``delta = 1``, ``BF > 3``).
 
     Parameters
     ----------
     model_or_idata
         A fitted model with a reaction scheme, or an InferenceData from
-        ``model.posterior(groupby=...)`` (its reference-library draws are used).
+        ``model.posterior(groupby=...)`` (its reference-library draws, and for
+        ``"group"`` its observed counts and libraries, are used).
     groupby
         ``obs`` column (``constant_data`` variable) defining the groups.
     group
@@ -194,38 +114,118 @@ def kinetic(
     params
         Kinetic parameters to test (default: burst size and relative degradation rate
         for the bursty scheme, otherwise every kinetic parameter of the scheme).
-    delta, bf_threshold
-        Effect size on ``|log2 fold change|`` and the calling threshold on the Bayes factor
-        (paper: 1 and 3).
-    n_pairs
-        Random pairs per gene and parameter.
-    n_samples
-        Pooled posterior draws per group when drawing from a model.
+    method
+        ``"group"`` or ``"pairs"``.
+    estimate
+        ``"group"``: where the groups' mean expression comes from. ``"observed"``
+        (default): the counts, each cell scaled to the reference library.
+        ``"decoded"``: the model's posterior draws of the decoded means (``n_draws``
+        per cell, averaged over the group's cells draw by draw, ``aggregate``), with
+        the counts' sampling variance added to the draws'.
+    delta
+        Half-width of the region of practical equivalence on the log2 fold change
+        (default: :data:`~pybivi.de_group.GROUP_DELTA` = 0.5 for ``"group"``, the
+        paper's 1 for ``"pairs"``).
+    fdr_target
+        ``"group"``: bound on the posterior expected FDR of each group's calls per
+        parameter (:func:`~pybivi.bayes_factors.fdr_calls`); ``None`` calls where the
+        Bayes factor exceeds ``bf_threshold`` instead. Ignored by ``"pairs"``.
+    shrink
+        ``"group"``: shrink the lfc with an empirical-Bayes prior fitted to all genes
+        (:func:`~pybivi.bayes_factors.shrink_lfc`). ``False`` takes a flat prior, whose
+        posterior probabilities are not calibrated across genes (noisy silent genes
+        then look differential).
+    null_repeats
+        ``"group"``: control-versus-control splits per group (0: no null).
+    aggregate
+        ``estimate="decoded"``: ``"pseudobulk"`` (mean decoded expression, then the
+        kinetic map) or ``"log_mean"`` (mean of the cells' log parameters).
+    n_draws
+        ``estimate="decoded"``: posterior draws per cell.
+    n_posterior
+        ``"group"``: draws of each gene's shrunken posterior behind the probabilities.
+    credible_mass
+        ``"group"``: mass of the equal-tailed credible interval of the lfc.
+    bf_threshold
+        Calling threshold on the Bayes factor (``"pairs"``; ``"group"`` with
+        ``fdr_target=None``).
+    n_pairs, n_samples
+        ``"pairs"``: random pairs per gene and parameter; pooled posterior draws per
+        group when drawing from a model.
     normalize
-        ``None`` (the paper's procedure): samples as read at the reference library.
-        ``"median_ratio"``: each sample of each parameter is first divided by its median
-        ratio over genes to the reference group's per-gene median
-        (:func:`~pybivi.bayes_factors.median_ratio_normalize`), which removes the
-        compositional shifts of normalised expression (when the cell cycle or a
-        program raises a minority of genes, every other gene's share falls). It
-        assumes that most genes do not change the parameter.
+        ``None``: values as read at the reference library. ``"median_ratio"`` removes a
+        shift shared by every gene (a compositional shift of normalised expression: when
+        a program raises a minority of genes, every other gene's share falls). With
+        ``"pairs"`` each sample is divided by its median ratio to the reference's
+        per-gene median (:func:`~pybivi.bayes_factors.median_ratio_normalize`); with
+        ``"group"`` the lfc estimates are centred on their median over genes. Both
+        assume that most genes do not change the parameter.
     batch_size, seed
-        Minibatch size of the draws; seed of the draws and of the pairs.
+        Cells per minibatch; seed of the draws, the splits and the pairs.
 
     Returns
     -------
     pandas.DataFrame
         One row per gene and group (index ``gene``), columns ``group``, ``reference``
-        and, per parameter ``p``: ``p_proba_de`` (``P(|lfc| >= delta)``), ``p_bayes_factor``,
-        ``p_lfc_mean``, ``p_lfc_median``, ``p_lfc_sd``, ``p_is_de`` (BF > threshold);
-        then ``call``: ``"burst_size only"``, ``"degradation_rate only"``, ``"both"`` or
-        ``"none"`` (see :func:`combined_call`).
+        and, per parameter ``p``: ``p_lfc_mean``, ``p_lfc_median``, ``p_lfc_sd``,
+        ``p_proba_de``, ``p_bayes_factor`` and ``p_is_de``; with ``"group"`` also
+        ``p_lfc_low``/``p_lfc_high`` (credible interval), ``p_lfc_estimate`` and
+        ``p_lfc_se`` (before shrinkage), ``p_proba_up``, ``p_proba_down``,
+        ``p_proba_null``, ``p_log_bayes_factor`` and ``p_null_call_rate`` (the group's
+        mean share of genes called on its control-versus-control splits; ``nan``
+        without a null). Then ``call``: ``"burst_size only"``, ``"degradation_rate
+        only"``, ``"both"`` or ``"none"`` (see :func:`combined_call`).
+        ``table.attrs["null_call_rates"]`` holds the null call rate of every split.
+
+    Warns
+    -----
+    UserWarning
+        When a group's null call rate exceeds ``fdr_target``.
+
+    Examples
+    --------
+    >>> table = pybivi.de.kinetic(model, groupby="program")  # doctest: +SKIP
+    >>> table[table["call"] != "none"].groupby("group")["call"].value_counts()  # doctest: +SKIP
     """
-    sampler = _Sampler(model_or_idata, groupby, n_samples, seed, batch_size)
-    names = tuple(params) if params is not None else _default_kinetic_params(model_or_idata)
-    ref_mask, masks = _group_masks(sampler.labels, sampler.is_control, group, reference, groupby)
+    if method not in ("group", "pairs"):
+        raise ValueError(f"method must be 'group' or 'pairs', not {method!r}")
     if normalize not in (None, "median_ratio"):
         raise ValueError(f"normalize must be None or 'median_ratio', not {normalize!r}")
+    if method == "pairs":
+        return _kinetic_pairs(
+            model_or_idata, groupby, group, reference, params=params,
+            delta=1.0 if delta is None else delta, bf_threshold=bf_threshold,
+            n_pairs=n_pairs, n_samples=n_samples, normalize=normalize,
+            batch_size=batch_size, seed=seed,
+        )  # fmt: skip
+    return group_test(
+        model_or_idata, groupby, group, reference, kind="kinetic", params=params,
+        estimate=estimate, delta=GROUP_DELTA if delta is None else delta,
+        fdr_target=fdr_target, shrink=shrink, aggregate=aggregate, n_draws=n_draws,
+        n_posterior=n_posterior, null_repeats=null_repeats, credible_mass=credible_mass,
+        bf_threshold=bf_threshold, normalize=normalize, batch_size=batch_size, seed=seed,
+    )  # fmt: skip
+
+
+def _kinetic_pairs(
+    model_or_idata: Any,
+    groupby: str,
+    group: str | Sequence[str] | None,
+    reference: str,
+    *,
+    params: Sequence[str] | None,
+    delta: float,
+    bf_threshold: float,
+    n_pairs: int,
+    n_samples: int,
+    normalize: str | None,
+    batch_size: int,
+    seed: int,
+) -> pd.DataFrame:
+    """biVI's pooled-pairs kinetic test (``kinetic(method="pairs")``)."""
+    sampler = Sampler(model_or_idata, groupby, n_samples, seed, batch_size)
+    names = tuple(params) if params is not None else default_kinetic_params(model_or_idata)
+    ref_mask, masks = group_masks(sampler.labels, sampler.is_control, group, reference, groupby)
     ref_samples = sampler(ref_mask, names, salt=0)
     profiles = {}
     if normalize == "median_ratio":
@@ -261,7 +261,15 @@ def mean(
     group: str | Sequence[str] | None = None,
     reference: str = "control",
     *,
-    delta: float = 0.2,
+    method: str = "group",
+    estimate: str = "observed",
+    delta: float | None = None,
+    fdr_target: float | None = 0.05,
+    shrink: bool = True,
+    null_repeats: int = 3,
+    n_draws: int = 100,
+    n_posterior: int = 1000,
+    credible_mass: float = 0.95,
     bf_threshold: float = 2.0,
     n_samples: int = 5_000,
     n_pairs: int | None = None,
@@ -270,41 +278,78 @@ def mean(
     batch_size: int = 256,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Mean-expression Bayes-factor test: scvi-tools' ``change`` mode on ``rho_M``.
+    """Mean-expression differential test on normalised mature expression ``rho_M``.
+
+    Two methods, as in :func:`kinetic`:
+
+    * ``"group"`` (default): the group-level test of :func:`kinetic` on the groups'
+      mean normalised mature expression: log2 fold change, its sampling uncertainty,
+      shrinkage across genes, three-way test, calls under posterior expected FDR control
+      and a control-versus-control null. Mean and kinetic calls then stand on equal
+      terms.
+    * ``"pairs"``: scvi-tools' ``change`` mode: pooled posterior draws of ``rho_M``,
+      ``lfc = log2(a + eps) - log2(b + eps)``, ``P(DE) = max(P(lfc >= delta),
+      P(lfc < -delta))``, Bayes factor the odds ``P / (1 - P)`` (paper: ``delta = 0.2``,
+      call where ``BF > 2``).
 
     Parameters
     ----------
     model_or_idata
         Any fitted model (SCVI, ContrastiveVI, or a bimodal one), or an InferenceData
-        with ``mean_mature`` at the reference library.
+        with ``mean_mature`` at the reference library (and, for ``"group"``, the
+        observed counts).
     groupby, group, reference
         As in :func:`kinetic`.
-    delta, bf_threshold
-        Effect size on the log2 fold change and the threshold on the odds
-        ``P(DE) / (1 - P(DE))`` (paper: 0.2 and 2).
+    method
+        ``"group"`` or ``"pairs"``.
+    estimate, shrink, null_repeats, n_draws, n_posterior, credible_mass
+        ``"group"``: as in :func:`kinetic`.
+    delta
+        Effect size on the log2 fold change (default 0.5 for ``"group"``, the paper's
+        0.2 for ``"pairs"``).
+    fdr_target
+        ``"group"``: bound on the posterior expected FDR of the calls (``None``: the
+        Bayes-factor rule). Ignored by ``"pairs"``, which keeps scvi-tools' rule.
+    bf_threshold
+        Threshold on the Bayes factor (``"pairs"``; ``"group"`` with ``fdr_target=None``).
     n_samples
-        Posterior draws of normalised mature expression per group (scvi-tools:
-        ``n_samples_overall = 5000``).
+        ``"pairs"``: posterior draws of normalised mature expression per group
+        (scvi-tools: ``n_samples_overall = 5000``).
     n_pairs
-        ``None``: element-wise pairs as in scvi-tools; else that many random pairs.
+        ``"pairs"``: ``None``: element-wise pairs as in scvi-tools; else that many random
+        pairs.
     pseudocounts
-        ``eps`` of the lfc; ``None`` estimates it as scvi-tools does from genes whose
-        mean observed mature count in a group is below ``threshold_counts``.
+        ``"pairs"``: ``eps`` of the lfc; ``None`` estimates it as scvi-tools does from
+        genes whose mean observed mature count in a group is below ``threshold_counts``.
     batch_size, seed
         Minibatch size of the draws; seed of the draws and pairs.
 
     Returns
     -------
     pandas.DataFrame
-        Index ``gene``; columns ``group``, ``reference``, ``proba_de``, ``bayes_factor``
-        (odds), ``log_bayes_factor`` (scvi-tools 1.4's ``bayes_factor``),
-        ``direction``, ``lfc_mean``, ``lfc_median``, ``lfc_sd``, ``scale_group``,
-        ``scale_reference``, ``pseudocounts``, ``is_de``.
+        Index ``gene``; columns ``group``, ``reference``, ``proba_de``, ``bayes_factor``,
+        ``log_bayes_factor``, ``lfc_mean``, ``lfc_median``, ``lfc_sd``, ``is_de``; with
+        ``"group"`` the other columns of :func:`kinetic`'s group test without a
+        parameter prefix (``proba_up``, ``proba_down``, ``proba_null``, ``lfc_low``,
+        ``lfc_high``, ``null_call_rate``, ...); with ``"pairs"`` ``direction``,
+        ``scale_group``, ``scale_reference`` and ``pseudocounts`` (scvi-tools 1.4's
+        ``bayes_factor`` is our ``log_bayes_factor``).
     """
-    sampler = _Sampler(model_or_idata, groupby, n_samples, seed, batch_size)
-    ref_mask, masks = _group_masks(sampler.labels, sampler.is_control, group, reference, groupby)
+    if method not in ("group", "pairs"):
+        raise ValueError(f"method must be 'group' or 'pairs', not {method!r}")
+    if method == "group":
+        return group_test(
+            model_or_idata, groupby, group, reference, kind="mean", estimate=estimate,
+            delta=GROUP_DELTA if delta is None else delta, fdr_target=fdr_target,
+            shrink=shrink, n_draws=n_draws, n_posterior=n_posterior,
+            null_repeats=null_repeats, credible_mass=credible_mass,
+            bf_threshold=bf_threshold, batch_size=batch_size, seed=seed,
+        )  # fmt: skip
+    delta = 0.2 if delta is None else delta
+    sampler = Sampler(model_or_idata, groupby, n_samples, seed, batch_size)
+    ref_mask, masks = group_masks(sampler.labels, sampler.is_control, group, reference, groupby)
     ref_scales = sampler(ref_mask, ["rho_mature"], salt=0)["rho_mature"]
-    observed = None if _is_idata(model_or_idata) else _mature_counts(model_or_idata)
+    observed = None if is_idata(model_or_idata) else mature_counts(model_or_idata)
     tables = []
     for k, (g, mask) in enumerate(masks.items()):
         scales = sampler(mask, ["rho_mature"], salt=k + 1)["rho_mature"]
@@ -324,13 +369,6 @@ def mean(
         cols["is_de"] = res["bayes_factor"] > bf_threshold
         tables.append(pd.DataFrame(cols, index=pd.Index(sampler.genes, name="gene")))
     return pd.concat(tables)
-
-
-def _mature_counts(model: Any):
-    reg = model.registry
-    adata = model.adata
-    x = adata.X if reg.mature_layer is None else adata.layers[reg.mature_layer]
-    return x.tocsr() if hasattr(x, "tocsr") else np.asarray(x)
 
 
 # The figure-3 tables and plots live in pybivi.de_report and the ground-truth scores in

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pybivi.de import _group_masks, _model_labels, kinetic, mean
+from pybivi.de import kinetic, mean
+from pybivi.de_sources import group_masks, model_labels
 from pybivi.de_truth import _truth_arrays, compensatory_summary, truth_scores
 
 __all__ = [
@@ -231,8 +232,8 @@ def _density_samples(cbivi, scvi, gene, group, groupby, reference, seed, n=2_000
     ):
         if model is None:
             continue
-        labels, ctrl = _model_labels(model, groupby)
-        ref_mask, masks = _group_masks(labels, ctrl, group, reference, groupby)
+        labels, ctrl = model_labels(model, groupby)
+        ref_mask, masks = group_masks(labels, ctrl, group, reference, groupby)
         for who, mask in ((group, masks[group]), (reference, ref_mask)):
             draws = pooled_samples(model, np.flatnonzero(mask), n, names, genes=[gene], seed=seed)
             for q in names:

@@ -133,7 +133,9 @@ def test_kinetic_from_inference_data_matches_closed_form():
     rng = np.random.default_rng(4)
     shifts_b, shifts_g = [3.0, 0.0, 2.5, 0.0, 0.7], [0.0, -3.0, 2.5, 0.0, 0.0]
     idata = _synthetic_idata(rng, shifts_b, shifts_g)
-    table = de.kinetic(idata, groupby="program", reference="control", n_pairs=20_000)
+    table = de.kinetic(
+        idata, groupby="program", reference="control", method="pairs", n_pairs=20_000
+    )
     assert list(table["group"].unique()) == ["program1"]
     assert list(table["call"]) == [
         "burst_size only",
@@ -157,9 +159,16 @@ def test_kinetic_median_ratio_removes_a_shift_shared_by_every_gene():
     in_group = (idata.constant_data["program"] == "program1").values
     for name in ("burst_size", "degradation_rate"):
         idata.posterior[name].values[:, :, in_group, :] *= 2.0**0.8
-    plain = de.kinetic(idata, groupby="program", reference="control", n_pairs=20_000)
+    plain = de.kinetic(
+        idata, groupby="program", reference="control", method="pairs", n_pairs=20_000
+    )
     fixed = de.kinetic(
-        idata, groupby="program", reference="control", n_pairs=20_000, normalize="median_ratio"
+        idata,
+        groupby="program",
+        reference="control",
+        method="pairs",
+        n_pairs=20_000,
+        normalize="median_ratio",
     )
     np.testing.assert_allclose(plain["burst_size_lfc_mean"], np.add(shifts, 0.8), atol=0.1)
     np.testing.assert_allclose(fixed["burst_size_lfc_mean"], shifts, atol=0.15)
@@ -170,7 +179,7 @@ def test_kinetic_median_ratio_removes_a_shift_shared_by_every_gene():
 def test_mean_from_inference_data_uses_normalised_expression():
     rng = np.random.default_rng(5)
     idata = _synthetic_idata(rng, [0.5, 0.0], [0.0, 0.0], n_draws=100)
-    table = de.mean(idata, groupby="program", reference="control", n_samples=3000)
+    table = de.mean(idata, groupby="program", reference="control", method="pairs", n_samples=3000)
     # rho = mean_mature / reference library = b / 10: same lfc law as b.
     sd, delta = 0.4 * np.sqrt(2), 0.2
     expected = [max(norm.sf((delta - m) / sd), norm.cdf((-delta - m) / sd)) for m in (0.5, 0.0)]
@@ -223,7 +232,9 @@ def test_model_and_inference_data_paths_agree(bursty_and_scvi):
     from pybivi import posterior
 
     cbivi, _ = bursty_and_scvi
-    kw = dict(groupby="program", group="program1", reference="control", n_pairs=20_000)
+    kw = dict(
+        groupby="program", group="program1", reference="control", method="pairs", n_pairs=20_000
+    )
     direct = de.kinetic(cbivi, n_samples=4000, seed=1, **kw)
     idata = posterior.posterior(
         cbivi,
@@ -245,11 +256,13 @@ def test_model_and_inference_data_paths_agree(bursty_and_scvi):
 
 def test_all_groups_at_once_and_mean_on_scvi(bursty_and_scvi, sim):
     cbivi, scvi = bursty_and_scvi
-    table = de.kinetic(cbivi, groupby="program", n_samples=500, n_pairs=2000)
+    table = de.kinetic(cbivi, groupby="program", method="pairs", n_samples=500, n_pairs=2000)
     expected = sorted(set(sim.obs["program"].astype(str)) - {"control"})
     assert sorted(table["group"].unique()) == expected
     assert len(table) == len(expected) * sim.n_vars
-    m = de.mean(scvi, groupby="program", group=["program1", "program2"], n_samples=500)
+    m = de.mean(
+        scvi, groupby="program", group=["program1", "program2"], method="pairs", n_samples=500
+    )
     assert set(m["group"]) == {"program1", "program2"}
     assert np.all(m["pseudocounts"] >= 1e-10)
     with pytest.raises(ValueError, match="reaction scheme"):

@@ -1,0 +1,346 @@
+"""Group-level differential tests: population effects, shrinkage, FDR control, a null.
+
+The default of :func:`pybivi.de.kinetic` and an option of :func:`pybivi.de.mean`. For each
+group of cells and the reference:
+
+1. **Population-level values.** Each species' mean normalised expression over the
+   group's cells at the reference library (its pseudo-bulk), mapped through the reaction
+   scheme's kinetic map (bursty: ``b = mu_N / theta``, ``gamma/k = b / mu_M``), on the
+   log2 scale. ``estimate="observed"`` takes the means of the observed counts, each cell
+   scaled to the reference library; ``estimate="decoded"`` takes them from the model's
+   posterior draws (each draw's mean over the cells of the decoded means, see
+   :func:`group_log2_draws`).
+2. **Uncertainty.** The sampling variance of the group's means, from the spread of its
+   cells' normalised counts (delta method, covariance of the two species included); for
+   ``"decoded"`` the variance of the posterior draws is added.
+3. **Shrinkage.** The log2 fold changes of all genes of a comparison share an
+   empirical-Bayes prior, a point mass at 0 and normals (Stephens' ``ash``,
+   :func:`~pybivi.bayes_factors.shrink_lfc`), so that posterior probabilities are
+   calibrated across genes: most genes do not change.
+4. **Three-way test and calls** on the posterior draws (:func:`three_way_test`), calls
+   under posterior expected FDR control (:func:`fdr_calls`).
+5. **Empirical null.** Steps 1-4 on control-versus-control splits: random reference
+   subsets, size-matched to each group, against the rest of the reference.
+
+Everything streams one minibatch of cells at a time; memory holds per-set sums of shape
+``(n_genes,)`` (``(n_draws, n_genes)`` for ``"decoded"``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pybivi.bayes_factors import combined_call, fdr_calls, shrink_lfc, three_way_test
+from pybivi.de_sources import Sampler, default_kinetic_params, group_masks, is_idata
+from pybivi.de_streams import group_log2_draws, null_splits, pseudobulk_moments
+
+__all__ = ["ESTIMATES", "GROUP_DELTA", "group_test"]
+
+ESTIMATES = ("observed", "decoded")
+#: Default half-width of the region of practical equivalence of the group-level tests
+#: (log2 units), chosen by measurement: see the user guide, "Kinetic calls".
+GROUP_DELTA = 0.5
+_LN2 = float(np.log(2.0))
+# Standard error given to a gene a set never expresses: its lfc is unknown.
+_UNKNOWN_SE = 10.0
+
+
+def _kinetic_map(scheme: Any, theta: np.ndarray, params: Sequence[str]) -> Callable:
+    """``(log mu_N, log mu_M) -> {param: (log2 value, d/dlog mu_N, d/dlog mu_M)}``."""
+    import torch
+
+    theta_t = torch.as_tensor(np.asarray(theta, dtype=np.float64))
+
+    def apply(log_n: np.ndarray, log_m: np.ndarray) -> dict[str, tuple[np.ndarray, ...]]:
+        ln = torch.as_tensor(log_n, dtype=torch.float64).requires_grad_(True)
+        lm = torch.as_tensor(log_m, dtype=torch.float64).requires_grad_(True)
+        kin = scheme.kinetic_params(ln.exp(), lm.exp(), theta_t)
+        missing = [p for p in params if p not in kin]
+        if missing:
+            raise KeyError(f"the scheme has no kinetic parameter(s) {missing} (has: {sorted(kin)})")
+        out = {}
+        for p in params:
+            value = torch.log(kin[p].expand_as(ln))
+            # Each gene's parameter depends on that gene only: the gradient of the sum
+            # is every gene's own derivative.
+            dn, dm = torch.autograd.grad(
+                value.sum(), (ln, lm), allow_unused=True, retain_graph=True
+            )
+            dn = torch.zeros_like(ln) if dn is None else dn
+            dm = torch.zeros_like(lm) if dm is None else dm
+            out[p] = (value.detach().numpy() / _LN2, dn.numpy(), dm.numpy())
+        return out
+
+    return apply
+
+
+def _observed_estimates(
+    moments: dict[str, np.ndarray], params: Sequence[str], kinetic: Callable | None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per parameter: log2 value and the sampling variance of it, from the moments."""
+    with np.errstate(divide="ignore"):
+        if kinetic is None:  # normalised mature expression only
+            value = np.log2(moments["mean_mature"])
+            return {p: (value, moments["var_log_mature"] / _LN2**2) for p in params}
+        log_n, log_m = np.log(moments["mean_nascent"]), np.log(moments["mean_mature"])
+    mapped = kinetic(np.nan_to_num(log_n, neginf=0.0), np.nan_to_num(log_m, neginf=0.0))
+    out = {}
+    for p, (value, dn, dm) in mapped.items():
+        var = (
+            dn**2 * moments["var_log_nascent"]
+            + dm**2 * moments["var_log_mature"]
+            + 2 * dn * dm * moments["cov_log"]
+        ) / _LN2**2
+        unknown = (~np.isfinite(log_n) & (dn != 0)) | (~np.isfinite(log_m) & (dm != 0))
+        out[p] = (np.where(unknown, np.nan, value), np.where(unknown, np.nan, var))
+    return out
+
+
+def _compare(
+    a: tuple[np.ndarray, np.ndarray],
+    b: tuple[np.ndarray, np.ndarray],
+    extra_var: np.ndarray | float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """lfc estimate and standard error of two independent sets (unknown genes: 0 +- 10)."""
+    lfc = a[0] - b[0]
+    se = np.sqrt(a[1] + b[1] + extra_var)
+    unknown = ~np.isfinite(lfc) | ~np.isfinite(se)
+    se = np.where(unknown, _UNKNOWN_SE, np.maximum(se, 1e-6))
+    return np.where(unknown, 0.0, lfc), se
+
+
+def _three_way(
+    lfc: np.ndarray,
+    se: np.ndarray,
+    delta: float,
+    *,
+    shrink: bool,
+    normalize: str | None,
+    n_posterior: int,
+    credible_mass: float,
+    fdr_target: float | None,
+    bf_threshold: float,
+    rng: np.random.Generator,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    if normalize == "median_ratio":
+        lfc = lfc - np.median(lfc[se < _UNKNOWN_SE]) if np.any(se < _UNKNOWN_SE) else lfc
+    if shrink:
+        draws, _ = shrink_lfc(lfc, se, n_draws=n_posterior, seed=rng)
+    else:
+        draws = lfc + se * rng.standard_normal((n_posterior, lfc.size))
+    res = three_way_test(draws, delta, credible_mass)
+    res["lfc_estimate"], res["lfc_se"] = lfc, se
+    if fdr_target is None:
+        calls = res["bayes_factor"] > bf_threshold
+    else:
+        calls = fdr_calls(res["proba_de"], fdr_target)
+    return res, calls
+
+
+_COLUMNS = (
+    "lfc_mean",
+    "lfc_median",
+    "lfc_sd",
+    "lfc_low",
+    "lfc_high",
+    "lfc_estimate",
+    "lfc_se",
+    "proba_up",
+    "proba_down",
+    "proba_null",
+    "proba_de",
+    "bayes_factor",
+    "log_bayes_factor",
+)
+
+
+def group_test(
+    source: Any,
+    groupby: str,
+    group: str | Sequence[str] | None,
+    reference: str,
+    *,
+    kind: str = "kinetic",
+    params: Sequence[str] | None = None,
+    estimate: str = "observed",
+    delta: float = GROUP_DELTA,
+    fdr_target: float | None = 0.05,
+    shrink: bool = True,
+    aggregate: str = "pseudobulk",
+    n_draws: int = 100,
+    n_posterior: int = 1000,
+    null_repeats: int = 3,
+    credible_mass: float = 0.95,
+    bf_threshold: float = 3.0,
+    normalize: str | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The group-level test behind :func:`pybivi.de.kinetic` and :func:`pybivi.de.mean`.
+
+    ``kind="kinetic"`` tests the scheme's kinetic parameters ``params``;
+    ``kind="mean"`` tests normalised mature expression (one parameter, whose columns
+    carry no prefix). See :func:`pybivi.de.kinetic` for the other arguments.
+    """
+    if estimate not in ESTIMATES:
+        raise ValueError(f"estimate must be one of {ESTIMATES}, not {estimate!r}")
+    if null_repeats < 0:
+        raise ValueError(f"null_repeats must be >= 0, got {null_repeats}")
+    if not delta >= 0:
+        raise ValueError(f"delta must be >= 0, got {delta}")
+    sampler = Sampler(source, groupby, 1, seed, batch_size)
+    ref_mask, masks = group_masks(sampler.labels, sampler.is_control, group, reference, groupby)
+    if kind == "kinetic":
+        scheme, theta = _scheme_and_theta(source, len(sampler.genes))
+        names = tuple(params) if params is not None else default_kinetic_params(scheme)
+        kinetic = _kinetic_map(scheme, theta, names)
+    else:
+        names, kinetic = ("rho_mature",), None
+    sets = {"reference": np.flatnonzero(ref_mask)}
+    sets.update({f"group:{g}": np.flatnonzero(m) for g, m in masks.items()})
+    rng = np.random.default_rng([seed, 7919])
+    splits = {}
+    if null_repeats:
+        sizes = {g: int(m.sum()) for g, m in masks.items()}
+        splits = null_splits(sets["reference"], sizes, null_repeats, rng)
+        for key, (inside, rest) in splits.items():
+            sets[f"null:{key}"], sets[f"rest:{key}"] = inside, rest
+    moments = pseudobulk_moments(source, sets, batch_size)
+    observed = {k: _observed_estimates(m, names, kinetic) for k, m in moments.items()}
+    decoded = None
+    if estimate == "decoded":
+        decoded = _decoded_estimates(
+            source, sets, names, kind, kinetic, aggregate, n_draws, batch_size, seed
+        )
+    settings = dict(
+        shrink=shrink,
+        normalize=normalize,
+        n_posterior=n_posterior,
+        credible_mass=credible_mass,
+        fdr_target=fdr_target,
+        bf_threshold=bf_threshold,
+        rng=rng,
+    )
+
+    def compare(a: str, b: str, p: str):
+        if decoded is None:
+            lfc, se = _compare(observed[a][p], observed[b][p])
+        else:
+            # The draws' spread plus the cells' sampling variance of the observed means.
+            sampling = observed[a][p][1] + observed[b][p][1]
+            sampling = np.where(np.isfinite(sampling), sampling, 0.0)
+            lfc, se = _compare(decoded[a][p], decoded[b][p], sampling)
+        return _three_way(lfc, se, delta, **settings)
+
+    null_rows = []
+    for key in splits:
+        g, r = key.rsplit("/", 1)
+        for p in names:
+            _, calls = compare(f"null:{key}", f"rest:{key}", p)
+            null_rows.append(
+                {
+                    "group": g,
+                    "repeat": int(r),
+                    "param": p,
+                    "n_cells": len(splits[key][0]),
+                    "null_call_rate": float(np.mean(calls)),
+                }
+            )
+    null = pd.DataFrame(
+        null_rows, columns=["group", "repeat", "param", "n_cells", "null_call_rate"]
+    )
+    rates = null.groupby(["group", "param"])["null_call_rate"].mean() if len(null) else None
+    tables = []
+    for g in masks:
+        cols: dict[str, Any] = {"group": g, "reference": reference}
+        calls = {}
+        for p in names:
+            res, calls[p] = compare(f"group:{g}", "reference", p)
+            prefix = f"{p}_" if kind == "kinetic" else ""
+            cols.update({f"{prefix}{c}": res[c] for c in _COLUMNS})
+            cols[f"{prefix}is_de"] = calls[p]
+            cols[f"{prefix}null_call_rate"] = np.nan if rates is None else rates[(g, p)]
+        if kind == "kinetic":
+            cols["call"] = combined_call(calls)
+        tables.append(pd.DataFrame(cols, index=pd.Index(sampler.genes, name="gene")))
+    out = pd.concat(tables)
+    out.attrs.update(
+        null_call_rates=null, delta=float(delta), fdr_target=fdr_target, estimate=estimate
+    )
+    _warn_on_null(null, fdr_target, delta)
+    return out
+
+
+def _decoded_estimates(
+    source, sets, names, kind, kinetic, aggregate, n_draws, batch_size, seed
+) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Per set and parameter: mean and variance over the posterior draws of the log2 value."""
+    if kind == "mean":
+        quantities: tuple[str, ...] = ("mean_mature",)
+    elif aggregate == "pseudobulk":
+        quantities = ("mean_nascent", "mean_mature")
+    else:
+        quantities = tuple(names)
+    draws = group_log2_draws(
+        source,
+        sets,
+        quantities,
+        aggregate=aggregate,
+        n_draws=n_draws,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    out = {}
+    for k, d in draws.items():
+        if kind == "mean":
+            per = {"rho_mature": d["mean_mature"]}
+        elif aggregate == "pseudobulk":
+            mapped = kinetic(d["mean_nascent"] * _LN2, d["mean_mature"] * _LN2)
+            per = {p: v[0] for p, v in mapped.items()}
+        else:
+            per = d
+        out[k] = {p: (v.mean(0), v.var(0)) for p, v in per.items()}
+    return out
+
+
+def _scheme_and_theta(source: Any, n_genes: int) -> tuple[Any, np.ndarray]:
+    """The reaction scheme and per-gene theta of a model or an exported InferenceData."""
+    from pybivi import schemes
+
+    if not is_idata(source):
+        scheme = source.module.scheme
+        if scheme is None:
+            raise ValueError("kinetic DE needs a model with a reaction scheme (a CME likelihood)")
+        return scheme, source.module.theta.detach().double().cpu().numpy()
+    name = source.posterior.attrs.get("scheme")
+    if name is None or "theta" not in source.constant_data:
+        raise ValueError(
+            "the InferenceData lacks the scheme name or theta: export it with "
+            "model.posterior(...), which records both"
+        )
+    theta = np.asarray(source.constant_data["theta"].values, dtype=np.float64)
+    if theta.shape != (n_genes,):
+        raise ValueError(f"theta has shape {theta.shape}, expected ({n_genes},)")
+    return schemes.get(str(name)), theta
+
+
+def _warn_on_null(null: pd.DataFrame, fdr_target: float | None, delta: float) -> None:
+    """Warn when control-versus-control splits call more genes than the FDR bound allows."""
+    if fdr_target is None or null.empty:
+        return
+    rates = null.groupby(["group", "param"])["null_call_rate"].mean()
+    bad = rates[rates > fdr_target]
+    if len(bad):
+        worst = ", ".join(f"{g}/{p}: {v:.3f}" for (g, p), v in bad.head(5).items())
+        warnings.warn(
+            f"control-versus-control splits call more than fdr_target={fdr_target} of the "
+            f"genes at delta={delta} ({worst}); the calls of these groups are not "
+            "calibrated: raise delta or check the fit",
+            UserWarning,
+            stacklevel=4,
+        )

@@ -1,0 +1,260 @@
+"""Streamed passes over the cells of many sets at once, for the group-level tests.
+
+:func:`pseudobulk_moments` reads the counts once and keeps, per set of cells, the sums
+that give each species' mean normalised expression and its sampling (co)variance;
+:func:`group_log2_draws` does the same with the model's posterior draws of decoded
+quantities. A cell may belong to several sets (a group, the reference, and the
+control-versus-control splits of :func:`null_splits`); memory holds per-set sums only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from pybivi.de_sources import is_idata
+
+__all__ = ["AGGREGATIONS", "null_splits", "pseudobulk_moments", "group_log2_draws"]
+
+AGGREGATIONS = ("pseudobulk", "log_mean")
+SPECIES = ("nascent", "mature")
+
+
+def null_splits(
+    reference_rows: np.ndarray,
+    group_sizes: Mapping[str, int],
+    n_repeats: int,
+    rng: np.random.Generator,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Control-versus-control splits: per group and repeat, a size-matched subset of the
+    reference cells and the rest of them.
+
+    A group larger than half the reference is matched by half of it, so that both sides
+    keep cells. Keys are ``"<group>/<repeat>"``.
+    """
+    reference_rows = np.asarray(reference_rows, dtype=np.int64)
+    if reference_rows.size < 4:
+        raise ValueError(
+            f"the empirical null needs at least 4 reference cells, got {reference_rows.size}"
+        )
+    out = {}
+    for name, size in group_sizes.items():
+        size = int(min(size, reference_rows.size // 2))
+        for r in range(n_repeats):
+            picked = rng.permutation(reference_rows)
+            out[f"{name}/{r}"] = (np.sort(picked[:size]), np.sort(picked[size:]))
+    return out
+
+
+# ------------------------------------------------------------------------ streamed passes
+def _membership(sets: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    sets = {k: np.unique(np.asarray(v, dtype=np.int64)) for k, v in sets.items()}
+    empty = [k for k, v in sets.items() if v.size == 0]
+    if empty:
+        raise ValueError(f"cell sets without cells: {empty[:5]}")
+    rows = np.unique(np.concatenate(list(sets.values())))
+    return rows, {k: np.isin(rows, v) for k, v in sets.items()}
+
+
+def _count_chunks(
+    source: Any, rows: np.ndarray, batch_size: int
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """``(rows, {species: counts / library * reference library})``, one chunk at a time."""
+    if is_idata(source):
+        observed = getattr(source, "observed_data", None)
+        if observed is None or not ({"x", "x_mature"} & set(observed.data_vars)):
+            raise ValueError(
+                "the InferenceData has no observed counts: export it with model.posterior(...), "
+                "or test it with estimate='decoded'"
+            )
+        const = source.constant_data
+        if "x" in observed:
+            x = observed["x"]
+            species = [str(s) for s in x["species"].values]
+        else:
+            x, species = observed["x_mature"].expand_dims(species=["mature"], axis=-1), ["mature"]
+        for start in range(0, rows.size, batch_size):
+            chunk = rows[start : start + batch_size]
+            block = np.asarray(x.isel(cell=chunk).transpose("cell", "gene", "species").values)
+            out = {}
+            for i, s in enumerate(species):
+                lib = np.asarray(const[f"library_{s}"].values, dtype=np.float64)[chunk]
+                ref = float(const[f"reference_library_{s}"])
+                out[s] = block[..., i].astype(np.float64) / lib[:, None] * ref
+            yield chunk, out
+        return
+    ref = source.registry.reference_library
+    for batch in source.make_batches(indices=rows, batch_size=batch_size):
+        out = {}
+        for s in SPECIES:
+            if f"x_{s}" in batch:
+                x = batch[f"x_{s}"].double().cpu().numpy()
+                lib = batch[f"library_{s}"].double().cpu().numpy()
+                out[s] = x / lib[:, None] * float(ref[s])
+        yield batch["index"].cpu().numpy(), out
+
+
+def pseudobulk_moments(
+    source: Any, sets: Mapping[str, np.ndarray], batch_size: int = 256
+) -> dict[str, dict[str, np.ndarray]]:
+    """Means and sampling (co)variances of each set's normalised pseudo-bulk, one pass.
+
+    Parameters
+    ----------
+    source
+        A fitted model (its AnnData's counts) or an InferenceData (``observed_data``).
+    sets
+        Name to rows (model) or cell positions (InferenceData).
+    batch_size
+        Cells per chunk.
+
+    Returns
+    -------
+    dict
+        Per set: ``n`` and, per species ``s``, ``mean_s`` (mean over cells of counts
+        scaled to the reference library) and ``var_log_s`` (sampling variance of the
+        natural log of that mean, delta method), plus ``cov_log`` between the species.
+    """
+    rows, members = _membership(sets)
+    position = np.full(rows.max() + 1, -1, dtype=np.int64)
+    position[rows] = np.arange(rows.size)
+    sums: dict[str, dict[str, Any]] = {k: {} for k in members}
+    for chunk_rows, values in _count_chunks(source, rows, batch_size):
+        pos = position[chunk_rows]
+        for k, member in members.items():
+            inside = member[pos]
+            if not inside.any():
+                continue
+            acc = sums[k]
+            acc["n"] = acc.get("n", 0) + int(inside.sum())
+            for s, y in values.items():
+                y = y[inside]
+                acc[f"sum_{s}"] = acc.get(f"sum_{s}", 0.0) + y.sum(0)
+                acc[f"sq_{s}"] = acc.get(f"sq_{s}", 0.0) + (y * y).sum(0)
+            if len(values) == 2:
+                prod = (values["nascent"][inside] * values["mature"][inside]).sum(0)
+                acc["cross"] = acc.get("cross", 0.0) + prod
+    out = {}
+    for k, acc in sums.items():
+        n = acc["n"]
+        res: dict[str, Any] = {"n": n}
+        species = [s for s in SPECIES if f"sum_{s}" in acc]
+        for s in species:
+            mean = acc[f"sum_{s}"] / n
+            var = np.maximum(acc[f"sq_{s}"] / n - mean**2, 0.0)
+            res[f"mean_{s}"] = mean
+            with np.errstate(divide="ignore", invalid="ignore"):
+                res[f"var_log_{s}"] = var / (n * mean**2)
+        if len(species) == 2:
+            mn, mm = res["mean_nascent"], res["mean_mature"]
+            cov = acc["cross"] / n - mn * mm
+            with np.errstate(divide="ignore", invalid="ignore"):
+                res["cov_log"] = cov / (n * mn * mm)
+        out[k] = res
+    return out
+
+
+def _model_draw_chunks(
+    model: Any, rows: np.ndarray, names: Sequence[str], n_draws: int, batch_size: int, seed: int
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    from pybivi.posterior import iter_draws
+
+    for batch, draws in iter_draws(
+        model,
+        rows,
+        n_draws,
+        quantities=names,
+        libraries=("reference",),
+        batch_size=batch_size,
+        seed=seed,
+    ):
+        values = {q: draws["reference"][q].double().cpu().numpy() for q in names}
+        yield batch["index"].cpu().numpy(), values
+
+
+def _idata_draw_chunks(
+    idata: Any, rows: np.ndarray, names: Sequence[str], batch_size: int
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    post = idata.posterior
+    for start in range(0, rows.size, batch_size):
+        chunk = rows[start : start + batch_size]
+        values = {}
+        for q in names:
+            da = post[q]
+            if "library" in da.dims:
+                lib = "reference" if "reference" in da["library"] else da["library"].values[0]
+                da = da.sel(library=lib)
+            v = np.asarray(
+                da.isel(cell=chunk).transpose("chain", "draw", "cell", "gene").values,
+                dtype=np.float64,
+            )
+            values[q] = v.reshape(-1, *v.shape[2:])
+        yield chunk, values
+
+
+def group_log2_draws(
+    source: Any,
+    sets: Mapping[str, np.ndarray],
+    quantities: Sequence[str],
+    *,
+    aggregate: str = "pseudobulk",
+    n_draws: int = 100,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Posterior draws of each set's population-level log2 values of ``quantities``.
+
+    For every draw (one draw of every cell's latents), ``"pseudobulk"`` is the log2 of
+    the mean over the set's cells, ``"log_mean"`` the mean of the cells' log2 values.
+
+    Parameters
+    ----------
+    source
+        A fitted model (``n_draws`` draws per cell are made) or an InferenceData (its
+        ``chain x draw`` draws are read; ``sets`` index its ``cell`` axis).
+    sets
+        Name to rows (a cell may belong to several sets).
+    quantities
+        Per cell-and-gene quantities at the reference library (``mean_nascent``,
+        ``burst_size``, ...).
+    aggregate
+        ``"pseudobulk"`` or ``"log_mean"``.
+    n_draws, batch_size, seed
+        Draws per cell (model source), cells per chunk, seed of the draws.
+
+    Returns
+    -------
+    dict
+        ``{set: {quantity: (n_draws, n_genes) log2 values}}``.
+    """
+    if aggregate not in AGGREGATIONS:
+        raise ValueError(f"aggregate must be one of {AGGREGATIONS}, not {aggregate!r}")
+    if n_draws < 2:
+        raise ValueError(f"n_draws must be >= 2 to describe a posterior, got {n_draws}")
+    rows, members = _membership(sets)
+    position = np.full(rows.max() + 1, -1, dtype=np.int64)
+    position[rows] = np.arange(rows.size)
+    if is_idata(source):
+        chunks = _idata_draw_chunks(source, rows, quantities, batch_size)
+    else:
+        chunks = _model_draw_chunks(source, rows, quantities, n_draws, batch_size, seed)
+    counts: dict[str, int] = {}
+    sums: dict[str, dict[str, np.ndarray]] = {k: {} for k in members}
+    for chunk_rows, values in chunks:
+        pos = position[chunk_rows]
+        if aggregate == "log_mean":
+            values = {q: np.log2(v) for q, v in values.items()}
+        for k, member in members.items():
+            inside = member[pos]
+            if not inside.any():
+                continue
+            counts[k] = counts.get(k, 0) + int(inside.sum())
+            for q, v in values.items():
+                sums[k][q] = sums[k].get(q, 0.0) + v[:, inside, :].sum(1)
+    out = {}
+    for k, acc in sums.items():
+        means = {q: v / counts[k] for q, v in acc.items()}
+        out[k] = means if aggregate == "log_mean" else {q: np.log2(v) for q, v in means.items()}
+    return out
