@@ -1,36 +1,33 @@
-"""Why the kinetic Bayes-factor calls miss true changes: a per-program diagnosis.
+"""Kinetic calls on the demo simulation: precision, recall, null call rate, speed.
 
-Fits ContrastiveBiVI once on the default demo simulation (``pybivi demo``'s data: 3,000
-cells x 800 genes, seed 0, prepared as ``benchmarks/bench_demo.py`` does: doublets and
-unassigned cells dropped), caches the fitted model under ``.cache/kinetic_calls/`` (git-
-ignored) so that reruns only redo the tests, runs :func:`pybivi.de.kinetic` per program
-against the controls and prints, per program:
+Fits ContrastiveBiVI once per simulation seed on the default demo simulation
+(``pybivi demo``'s data: 3,000 cells x 800 genes, prepared as ``benchmarks/bench_demo.py``
+does: doublets and unassigned cells dropped), caches the fitted model under
+``.cache/kinetic_calls/`` (git-ignored) so that reruns only redo the tests, runs
+:func:`pybivi.de.kinetic` (and :func:`pybivi.de.mean`, for the compensatory genes) on
+every program against the controls and prints, per program and parameter:
 
-* ``n_true``, precision and recall of the "any" target (:func:`pybivi.de.truth_scores`
-  at the program's mean perturbation strength; ``recall_unit`` at strength 1);
-* for the truly changed genes, the median estimated ``lfc`` (pooled-pair median) of ``b``
-  and ``gamma/k`` relative to the truth (``est / true``: 1 is unbiased, 0 is shrunk to
-  nothing, negative is a wrong sign), the median spread ``sd`` of the pooled pairwise
-  lfc, and the same for the normalised nascent and mature expression ``rho_N``/``rho_M``
-  (for a compensatory gene ``rho_N`` should move and ``rho_M`` should not);
-* the within-cell and between-cell sd of log2 ``b`` for the program's genes, in the
-  program's cells and in the controls (in the simulation both groups have one true value);
-* recall by bin of the true ``|log2|`` change (< 1, 1-1.5, 1.5-2, >= 2) at the program's
-  average perturbation strength, next to the recall of the same test on draws made from
-  the simulator's own per-cell truth (the "oracle", :mod:`benchmarks.de_vs_scvi`),
-  without noise and with noise of the model's own spread;
-* with ``--group-level N``: precision and recall of the same test on group means (``N``
-  draws of every cell, averaged over the group's cells) instead of pairs of cells, and the
-  expression of its false calls (an experiment: :func:`kinetic_diagnostics.group_level_calls`);
-* with ``--likelihood-check N``: whether the bursty likelihood (neural or exact
-  conditional) itself peaks at the true compensatory change.
+* ``precision``: a false call is a call of ``b`` or ``gamma/k`` on a gene whose true
+  change of that parameter is 0 (:func:`pybivi.de.truth_scores`);
+* ``recall``: of the genes whose true ``|log2|`` change of that parameter, at the
+  program's mean perturbation strength, is at least 1;
+* ``null_call_rate``: the share of genes called on control-versus-control splits of
+  the program's size;
+* ``compensatory_kinetic_not_mean``: the share of the program's compensatory genes called
+  by the kinetic test and not by the mean test;
 
-Usage (one torch thread; the fit takes a few minutes, later runs about a minute)::
+then the time of ``de.kinetic`` for all programs and a summary per seed. With
+``--delta-sweep`` the same fit is scored at other deltas; ``--method pairs`` runs the
+paper's pooled-pairs test; ``--diagnostics`` prints the earlier diagnosis of the pooled
+pairs (salient centres, spread within and between cells, the oracle, and with
+``--group-level N`` / ``--likelihood-check N`` two experiments).
 
-    .venv/bin/python benchmarks/kinetic_calls.py [--epochs 60] [--refit]
-        [--cells 3000 --genes 800 --seed 0] [--kl-warmup EPOCHS] [--samples 5000]
-        [--means-lr-factor 10] [--likelihood-check 6] [--lr 3e-3]
-        [--normalize median_ratio] [--group-level 40] [--n-salient 6]
+Usage (one torch thread; a fit takes a few minutes, later runs seconds)::
+
+    .venv/bin/python benchmarks/kinetic_calls.py --seeds 0 1 2
+        [--estimate decoded] [--delta 0.5] [--fdr 0.05] [--delta-sweep 0.3 0.5 1]
+        [--method pairs] [--normalize median_ratio] [--epochs 60] [--refit]
+        [--diagnostics [--group-level 40] [--likelihood-check 6]]
 """
 
 from __future__ import annotations
@@ -183,7 +180,7 @@ def oracle_tables(adata, noise: float, seed: int) -> pd.DataFrame:
     const = xr.Dataset({"program": (("cell",), adata.obs["program"].astype(str).to_numpy())})
     programs = [str(p) for p in adata.uns["simulation"]["programs"]]
     idata = az.InferenceData(posterior=post, constant_data=const)
-    return de.kinetic(idata, groupby="program", group=programs, seed=seed)
+    return de.kinetic(idata, groupby="program", group=programs, method="pairs", seed=seed)
 
 
 def recall_by_bin(table: pd.DataFrame, truth: dict, programs: list[str], key: str) -> dict:
@@ -203,36 +200,14 @@ def recall_by_bin(table: pd.DataFrame, truth: dict, programs: list[str], key: st
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cells", type=int, default=3000)
-    parser.add_argument("--genes", type=int, default=800)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--kl-warmup", type=float, default=None, help="epochs (default 1/4)")
-    parser.add_argument("--samples", type=int, default=5000)
-    parser.add_argument("--means-lr-factor", type=float, default=1.0,
-                        help="experiment: learning-rate factor of the salient prior means")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    parser.add_argument("--n-salient", type=int, default=None,
-                        help="salient dimensions (default: the model's, 10 as in the paper)")
-    parser.add_argument("--normalize", choices=("median_ratio",), default=None,
-                        help="pybivi.de.kinetic's normalize (default: none, the paper's)")
-    parser.add_argument("--refit", action="store_true")
-    parser.add_argument("--group-level", type=int, default=0, metavar="N",
-                        help="also test group means over N draws per cell (an experiment)")
-    parser.add_argument("--likelihood-check", type=int, default=0, metavar="N",
-                        help="also profile the likelihood on N genes per compensatory program")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+def diagnostics(args: argparse.Namespace, adata, programs: list[str], model) -> None:
+    """Where the pooled-pairs test (``method="pairs"``) loses the truth: the earlier
+    diagnosis, printed with ``--diagnostics``."""
     from pybivi import de
 
-    adata = prepared_data(args.cells, args.genes, args.seed)
-    programs = [str(p) for p in adata.uns["simulation"]["programs"]]
-    model = fit_or_load(adata, args)
     t0 = time.perf_counter()
-    table = de.kinetic(model, groupby="program", group=programs, n_samples=args.samples,
-                       seed=args.seed, normalize=args.normalize)
+    table = de.kinetic(model, groupby="program", group=programs, method="pairs",
+                       n_samples=args.samples, seed=args.seed, normalize=args.normalize)
     print(f"kinetic test: {time.perf_counter() - t0:.0f} s; {adata.n_obs} cells x "
           f"{adata.n_vars} genes; delta 1, BF > 3, normalize {args.normalize}")
     truth = true_changes(adata, programs)
@@ -333,7 +308,143 @@ def main(argv: list[str] | None = None) -> int:
         print("median argmax e: " + ", ".join(
             f"{k[len('argmax_e_'):]} {check[k].median():.2f}" for k in check if
             k.startswith("argmax")))
+
+
+def score_calls(kinetic_table: pd.DataFrame, mean_table: pd.DataFrame, adata,
+                programs: list[str]) -> pd.DataFrame:
+    """Per program and parameter: precision (a false call is a call of a gene whose true
+    change of that parameter is 0), recall (genes whose true |log2| change at the
+    program's mean strength is >= 1), the null call rate, and per program the share of
+    compensatory genes called by the kinetic test and missed by the mean test."""
+    from pybivi import de
+
+    scores = de.truth_scores(kinetic_table, adata, strength="mean")
+    comp = de.compensatory_summary(kinetic_table, mean_table, adata).set_index("program")
+    kinds = dict(zip(programs, adata.uns["simulation"]["program_kinds"], strict=True))
+    rows = []
+    for _, r in scores[scores["target"] != "any"].iterrows():
+        t = kinetic_table[kinetic_table["group"] == r["program"]]
+        null_col = f"{r['target']}_null_call_rate"
+        rows.append({
+            "program": r["program"], "kind": kinds[r["program"]], "param": r["target"],
+            "n_true": r["n_true"], "n_called": r["n_called"], "precision": r["precision"],
+            "recall": r["recall"],
+            "null_call_rate": t[null_col].iloc[0] if null_col in t else np.nan,
+            "compensatory_kinetic_not_mean":
+                comp.loc[r["program"], "fraction_kinetic_not_mean"],
+        })
+    return pd.DataFrame(rows)
+
+
+def run_seed(args: argparse.Namespace, seed: int) -> tuple[pd.DataFrame, dict]:
+    """Fit (or load) the demo model of one simulation seed and score the calls."""
+    from pybivi import de
+
+    args.seed = seed
+    adata = prepared_data(args.cells, args.genes, seed)
+    programs = [str(p) for p in adata.uns["simulation"]["programs"]]
+    model = fit_or_load(adata, args)
+    kw = dict(groupby="program", group=programs, seed=seed, method=args.method,
+              normalize=args.normalize)
+    if args.method == "group":
+        kw.update(estimate=args.estimate, delta=args.delta, fdr_target=args.fdr)
+    else:
+        kw.update(n_samples=args.samples)
+    t0 = time.perf_counter()
+    table = de.kinetic(model, **kw)
+    seconds = time.perf_counter() - t0
+    mean_kw = {k: v for k, v in kw.items() if k not in ("normalize", "estimate")}
+    if args.method == "pairs":
+        mean_kw.pop("delta", None)
+    mean_table = de.mean(model, **mean_kw)
+    extra = {"seconds": seconds, "n_cells": adata.n_obs, "n_genes": adata.n_vars,
+             "adata": adata, "programs": programs, "model": model, "table": table}
+    return score_calls(table, mean_table, adata, programs), extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", type=int, default=3000)
+    parser.add_argument("--genes", type=int, default=800)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="simulation (and fit) seeds; 0 is the demo's")
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--kl-warmup", type=float, default=None, help="epochs (default 1/4)")
+    parser.add_argument("--method", choices=("group", "pairs"), default="group",
+                        help="pybivi.de.kinetic's method (default: group)")
+    parser.add_argument("--estimate", choices=("observed", "decoded"), default="observed")
+    parser.add_argument("--delta", type=float, default=None,
+                        help="default: the method's own (0.5 group, 1 pairs)")
+    parser.add_argument("--fdr", type=float, default=0.05, help="fdr_target (group)")
+    parser.add_argument("--delta-sweep", type=float, nargs="*", default=None,
+                        help="also score these deltas (group method, same fit)")
+    parser.add_argument("--samples", type=int, default=5000, help="n_samples (pairs)")
+    parser.add_argument("--means-lr-factor", type=float, default=1.0,
+                        help="experiment: learning-rate factor of the salient prior means")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--n-salient", type=int, default=None,
+                        help="salient dimensions (default: the model's, 10 as in the paper)")
+    parser.add_argument("--normalize", choices=("median_ratio",), default=None)
+    parser.add_argument("--refit", action="store_true")
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="also print the pooled-pairs diagnosis (first seed)")
+    parser.add_argument("--group-level", type=int, default=0, metavar="N",
+                        help="with --diagnostics: test group means of N draws per cell")
+    parser.add_argument("--likelihood-check", type=int, default=0, metavar="N",
+                        help="with --diagnostics: profile the likelihood on N genes")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    pd.set_option("display.width", 200)
+    all_scores = []
+    for seed in args.seeds:
+        scores, extra = run_seed(args, seed)
+        scores.insert(0, "seed", seed)
+        all_scores.append(scores)
+        print(f"\nseed {seed}: de.kinetic ({args.method}, estimate {args.estimate}, delta "
+              f"{args.delta if args.delta is not None else 'default'}, fdr {args.fdr}) on "
+              f"{extra['n_cells']} cells x {extra['n_genes']} genes, "
+              f"{len(extra['programs'])} programs: {extra['seconds']:.1f} s")
+        print(scores.drop(columns="seed").round(3).to_string(index=False))
+        from pybivi import de
+
+        any_ = de.truth_scores(extra["table"], extra["adata"], strength="mean")
+        any_ = any_[any_["target"] == "any"].set_index("program")
+        print("either parameter ('any'; precision_strict counts every call outside the >= 2x "
+              "genes as false, the definition of earlier versions):")
+        print(any_[["precision_strict", "recall"]].round(2).T.to_string())
+        if args.delta_sweep and args.method == "group":
+            print(f"\nseed {seed}: delta sweep (min over programs and parameters):")
+            print(delta_sweep(args, extra).round(3).to_string(index=False))
+        if args.diagnostics and seed == args.seeds[0]:
+            diagnostics(args, extra["adata"], extra["programs"], extra["model"])
+    table = pd.concat(all_scores)
+    summary = table.groupby("seed").agg(
+        min_precision=("precision", "min"), min_recall=("recall", "min"),
+        max_null_call_rate=("null_call_rate", "max"),
+        min_compensatory_kinetic_not_mean=("compensatory_kinetic_not_mean", "min"))
+    print("\nsummary per seed (over programs and parameters; nan: no true genes):")
+    print(summary.round(3).to_string())
     return 0
+
+
+def delta_sweep(args: argparse.Namespace, extra: dict) -> pd.DataFrame:
+    """Precision and recall of the group test at other deltas (one fit)."""
+    from pybivi import de
+
+    rows = []
+    for delta in args.delta_sweep:
+        kw = dict(groupby="program", group=extra["programs"], seed=args.seed,
+                  estimate=args.estimate, delta=delta, fdr_target=args.fdr,
+                  normalize=args.normalize)
+        table = de.kinetic(extra["model"], **kw)
+        mean_table = de.mean(extra["model"], groupby="program", group=extra["programs"],
+                             seed=args.seed, delta=delta, fdr_target=args.fdr)
+        s = score_calls(table, mean_table, extra["adata"], extra["programs"])
+        rows.append({"delta": delta, "min_precision": s["precision"].min(),
+                     "min_recall": s["recall"].min(),
+                     "max_null_call_rate": s["null_call_rate"].max(),
+                     "min_compensatory": s["compensatory_kinetic_not_mean"].min()})
+    return pd.DataFrame(rows)
 
 
 if __name__ == "__main__":

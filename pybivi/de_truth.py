@@ -93,7 +93,11 @@ def truth_scores(
     pandas.DataFrame
         One row per program and target (``burst_size``, ``degradation_rate`` and ``any``:
         the gene is called for either parameter / truly changes either), with ``n_true``,
-        ``n_called``, ``true_positives``, ``precision`` (``nan`` without calls), ``recall``,
+        ``n_called``, ``true_positives``, ``false_calls`` (calls of a gene whose true
+        change of that target is exactly 0), ``precision`` = ``1 - false_calls /
+        n_called`` (``nan`` without calls; a call of a gene that changes by less than
+        ``min_log2`` is not false), ``precision_strict`` = ``true_positives / n_called``
+        (every call outside the ``>= min_log2`` genes counts as false), ``recall``,
         ``n_true_strong`` and ``recall_strong`` (genes with ``|log2| >= strong_log2``).
     """
     if strength not in ("unit", "mean"):
@@ -112,6 +116,7 @@ def truth_scores(
         for k in ("burst_size", "degradation_rate", "any"):
             true, strong = size[k] >= min_log2, size[k] >= strong_log2
             tp = int(np.sum(true & called[k]))
+            false = int(np.sum(called[k] & (size[k] == 0)))
             n_called, n_true, n_strong = int(called[k].sum()), int(true.sum()), int(strong.sum())
             rows.append(
                 {
@@ -120,7 +125,9 @@ def truth_scores(
                     "n_true": n_true,
                     "n_called": n_called,
                     "true_positives": tp,
-                    "precision": tp / n_called if n_called else np.nan,
+                    "false_calls": false,
+                    "precision": 1.0 - false / n_called if n_called else np.nan,
+                    "precision_strict": tp / n_called if n_called else np.nan,
                     "recall": tp / n_true if n_true else np.nan,
                     "n_true_strong": n_strong,
                     "recall_strong": (

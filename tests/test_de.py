@@ -305,8 +305,11 @@ def test_figure3_section(bursty_and_scvi, sim):
     counts, overlap = out["counts"], out["overlap"]
     assert list(counts.index) == ["program1", "program2"]
     # Diagonal of the overlap = total calls of each kind over programs.
-    for col in ("b", "gamma/k", "mean (SCVI)"):
+    for col in ("b", "gamma/k", "mean (counts)"):
         assert overlap.loc[col, col] == counts[col].sum()
     assert set(out["figures"]) == {"counts", "overlap", "densities"}
     assert out["gene"] in sim.var_names and "Compensatory" in out["text"]
     assert len(out["figures"]["densities"].axes) == 3
+    assert "null call rate" in out["text"].lower() and "FDR" in out["text"]
+    paper = de.figure3(cbivi, scvi=scvi, truth=sim, n_samples=300, method="pairs")
+    assert "mean (SCVI)" in paper["counts"].columns and "BF > 3" in paper["text"]
