@@ -76,7 +76,7 @@ model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get
 for name, site in model_trace.nodes.items():
     if name == "cells":  # the plate's own subsample site
         continue
-    if site["type"] == "sample":
+    if site["type"] == "sample" and not site["infer"].get("_deterministic"):
         fn = site["fn"]
         print(f"{name:2s} {type(fn).__name__:12s} batch {tuple(fn.batch_shape)} "
               f"event {tuple(fn.event_shape)} observed={site['is_observed']}")
@@ -88,6 +88,15 @@ for name, site in model_trace.nodes.items():
 # contribute no salient KL term.
 
 # %%
+# Derived quantities are deterministic sites of the model: the salient latents with the
+# controls at 0, the decoded means and the scheme's kinetic parameters.
+deterministic = [
+    name for name, site in model_trace.nodes.items()
+    if site["type"] == "sample" and site["infer"].get("_deterministic")
+]
+print("deterministic sites:", deterministic)
+assert {"salient", "mean_nascent", "burst_size", "degradation_rate"} <= set(deterministic)
+assert torch.all(model_trace.nodes["salient"]["value"][batch["is_control"]] == 0)
 assert model_trace.nodes["x"]["fn"].event_shape == (adata.n_vars, 2)
 t_mask = model_trace.nodes["t"]["mask"]
 assert torch.equal(t_mask, ~batch["is_control"])
@@ -176,7 +185,8 @@ scales.to_csv(OUT / "learned_salient_scales.csv")
 # ## 4. Back to the high-level API
 #
 # The custom module already lives inside `custom_model`, so representations, posterior export,
-# Bayes factors and posterior-predictive checks work unchanged. `model.train(...)` would have
+# Bayes factors and posterior-predictive checks work unchanged: they trace the module's guide and
+# replay its model, so the learned spreads shape every draw. `model.train(...)` would have
 # trained it too; we trained it by hand, so we say so.
 
 # %%

@@ -5,6 +5,7 @@ See :mod:`pybivi.models` for the classes and the contract they keep.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 from collections.abc import Iterator, Sequence
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pyro
 import torch
+from pyro import poutine
 
 from pybivi import data as _data
 from pybivi.module import ContrastiveModule
@@ -352,17 +354,28 @@ class BaseModel:
             raise ValueError(f"kind must be 'salient' or 'background', got {kind!r}")
         if kind == "salient" and not has_t:
             raise ValueError(f"{type(self).__name__} has no salient latents; use kind='background'")
-        site = "t" if kind == "salient" else "z"
-        was_training = self.module.training
-        self.module.eval()
+        # Through the guide and the model: the model's "salient" site applies the control
+        # rule (t = 0), and a user's own guide is honoured. The mean replays the model on
+        # the guide's means; the global RNG is left as it was.
+        site = "salient" if kind == "salient" else "z"
+        module = self.module
+        was_training = module.training
+        module.eval()
         out = []
-        for batch in self.make_batches(adata, batch_size=batch_size):
-            loc, scale = self.module.encode(batch)[site]
-            value = loc if give_mean else torch.distributions.Normal(loc, scale).sample()
-            if site == "t":
-                value = torch.where(batch["is_control"].unsqueeze(-1), 0.0, value)
-            out.append(value.cpu().numpy())
-        self.module.train(was_training)
+        with contextlib.ExitStack() as stack:
+            if give_mean:
+                devices = [self.device] if self.device.type == "cuda" else []
+                stack.enter_context(torch.random.fork_rng(devices=devices))
+            for batch in self.make_batches(adata, batch_size=batch_size):
+                guide_trace = poutine.trace(module.guide).get_trace(batch)
+                if give_mean:
+                    for name in ("z", "t"):
+                        if name in guide_trace.nodes:
+                            node = guide_trace.nodes[name]
+                            node["value"] = node["fn"].mean
+                model = poutine.trace(poutine.replay(module.model, trace=guide_trace))
+                out.append(model.get_trace(batch).nodes[site]["value"].cpu().numpy())
+        module.train(was_training)
         return np.concatenate(out, axis=0).astype(np.float32)
 
     def posterior(self, adata: Any = None, indices: Any = None, n_samples: int = 25, **kwargs: Any):
