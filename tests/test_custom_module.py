@@ -16,7 +16,6 @@ from torch import nn
 import pybivi
 from pybivi import de
 from pybivi.module import ContrastiveModule
-from tests.test_data import make_adata
 
 torch.set_num_threads(1)
 
@@ -50,7 +49,7 @@ class ScaledPriorModule(ContrastiveModule):
 
 
 @pytest.fixture(scope="module")
-def custom():
+def custom(make_adata):
     adata = make_adata(n_cells=48)
     pybivi.ContrastiveBiVI.setup_anndata(adata)
     model = pybivi.ContrastiveBiVI(
@@ -105,7 +104,7 @@ def test_load_names_a_module_class_it_cannot_import(custom, tmp_path):
     assert torch.equal(back.module.log_prior_scale, model.module.log_prior_scale.detach())
 
 
-def test_bad_module_arguments_are_named():
+def test_bad_module_arguments_are_named(make_adata):
     adata = make_adata(n_cells=16)
     pybivi.ContrastiveBiVI.setup_anndata(adata)
     with pytest.raises(TypeError, match="module_cls"):

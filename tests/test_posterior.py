@@ -1,4 +1,4 @@
-"""Posterior export to ArviZ: structure, SPEC identities, Monte Carlo checks, round trip."""
+"""Posterior export to ArviZ: structure, the paper's identities, Monte Carlo checks, round trip."""
 
 from __future__ import annotations
 
@@ -36,14 +36,14 @@ def bursty(adata):
     return ContrastiveBiVI(a, scheme="bursty", n_hidden=16, seed=2)
 
 
-def test_bursty_export_satisfies_spec_identities(bursty):
+def test_bursty_export_satisfies_the_paper_identities(bursty):
     idata = posterior.posterior(bursty, n_samples=3, indices=np.arange(50))
     post = idata.posterior
     for name in ("burst_size", "splicing_rate", "degradation_rate", "mean_nascent", "mean_mature"):
         assert post[name].dims == ("chain", "draw", "library", "cell", "gene")
     theta = idata.constant_data["theta"]
     mu_n, mu_m = post["mean_nascent"], post["mean_mature"]
-    # SPEC sec. 3: b = mu_N / theta, beta/k = 1 / theta, gamma/k = mu_N / (theta mu_M).
+    # Paper equation 3: b = mu_N / theta, beta/k = 1 / theta, gamma/k = mu_N / (theta mu_M).
     np.testing.assert_allclose(post["burst_size"], mu_n / theta, rtol=1e-5)
     np.testing.assert_allclose(post["splicing_rate"], (1 / theta).broadcast_like(mu_n), rtol=1e-5)
     np.testing.assert_allclose(post["degradation_rate"], mu_n / (theta * mu_m), rtol=1e-5)
