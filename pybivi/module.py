@@ -48,7 +48,9 @@ Contract (relied on by :mod:`pybivi.posterior`, :mod:`pybivi.de`, :mod:`pybivi.p
   ``n_salient``.
 
 Customising: subclass and override one small method: ``background_prior``,
-``salient_prior``, ``likelihood_dist`` or ``decode``.
+``salient_prior``, ``likelihood_dist`` or ``decode`` (or the ``guide``), then hand the class
+to a model, ``pybivi.ContrastiveBiVI(adata, module_cls=MyModule)``; it is trained, saved,
+loaded, exported and tested like the default.
 """
 
 from __future__ import annotations
