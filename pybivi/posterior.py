@@ -122,6 +122,13 @@ def trace_posterior(
         return poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(batch)
 
 
+def _site_name(quantity: str, library: str) -> str:
+    """The model's site of a quantity at a library (``rho_*`` does not depend on it)."""
+    if library == "observed" or quantity.startswith("rho_"):
+        return quantity
+    return f"{quantity}_reference"
+
+
 def _site(trace: poutine.Trace, name: str, n_samples: int) -> torch.Tensor:
     value = trace.nodes[name]["value"]
     return value.expand(n_samples, *value.shape[-2:]) if value.dim() == 2 else value
@@ -203,23 +210,22 @@ def iter_draws(
             sites = {name for name, site in trace.nodes.items() if site["type"] == "sample"}
             t = _site(trace, "salient", n_samples) if "salient" in sites else None
             draws: dict[str, Any] = {"z": _site(trace, "z", n_samples), "t": t}
+            gi = gene_idx.to(draws["z"].device)
             for lib in libraries:
-                def site_of(q: str, lib: str = lib) -> str:
-                    return q if lib == "observed" or q.startswith("rho_") else f"{q}_reference"
-
-                missing = [q for q in wanted if site_of(q) not in sites]
+                names = {q: _site_name(q, lib) for q in wanted}
+                missing = [q for q, name in names.items() if name not in sites]
                 if missing:
+                    kinetic = getattr(module.scheme, "kinetic_param_names", ())
                     available = sorted(
-                        n for n in sites if n.startswith(("mean_", "rho_")) or n in
-                        getattr(module.scheme, "kinetic_param_names", ())
+                        n for n in sites if n.startswith(("mean_", "rho_")) or n in kinetic
                     )
                     raise KeyError(
                         f"quantities {missing} are not available for this model "
                         f"(available: {available})"
                     )
-                gi = gene_idx.to(draws["z"].device)
                 draws[lib] = {
-                    q: _site(trace, site_of(q), n_samples).index_select(-1, gi) for q in wanted
+                    q: _site(trace, name, n_samples).index_select(-1, gi)
+                    for q, name in names.items()
                 }
             yield batch, draws
 

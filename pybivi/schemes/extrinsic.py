@@ -38,9 +38,8 @@ class ExtrinsicScheme(ReactionScheme):
     """Bivariate negative binomial: a shared gamma-distributed transcription rate.
 
     Kinetic parameters: ``alpha = theta``, ``splicing_rate = theta / mu_nascent``,
-    ``degradation_rate = theta / mu_mature`` (see
-    the reaction-schemes table of the documentation,
-    concepts page).
+    ``degradation_rate = theta / mu_mature`` (see the reaction-schemes table of the
+    documentation, concepts page).
     """
 
     name = "extrinsic"
