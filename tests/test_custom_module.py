@@ -14,7 +14,7 @@ from pyro import poutine
 from torch import nn
 
 import pybivi
-from pybivi import de
+from pybivi import de, ppc
 from pybivi.module import ContrastiveModule
 
 torch.set_num_threads(1)
@@ -119,7 +119,7 @@ def test_bad_module_arguments_are_named(make_adata):
         model.save("unused-path-never-written")
 
 
-def test_the_custom_module_goes_through_posterior_and_kinetic_tests(custom):
+def test_the_custom_module_goes_through_posterior_kinetic_tests_and_checks(custom):
     model, _ = custom
     idata = model.posterior(n_samples=3, indices=np.arange(12), seed=0)
     assert {"alpha", "mean_nascent", "z", "t"} <= set(idata.posterior.data_vars)
@@ -130,6 +130,8 @@ def test_the_custom_module_goes_through_posterior_and_kinetic_tests(custom):
     )
     assert set(table["group"]) == {"A"} and len(table) == model.registry.n_genes
     assert table.filter(like="_bayes_factor").notna().all().all()
+    check = ppc.ppc(model, n_replicates=2, seed=0)
+    assert check.summary["fraction_central_95"].between(0.0, 1.0).all()
 
 
 def test_the_export_and_the_latents_use_the_custom_guide(custom):
@@ -148,7 +150,9 @@ def test_the_export_and_the_latents_use_the_custom_guide(custom):
     # Monte Carlo: the mean of 300 draws within 4 standard errors of loc + SHIFT.
     assert np.all(np.abs(z.mean(0) - (loc + SHIFT)) < 4 * scale / np.sqrt(n))
     np.testing.assert_allclose(z.std(0), scale, rtol=0.2)
+    state = torch.get_rng_state()
     mean = model.get_latent_representation(kind="background")[idx]
+    assert torch.equal(torch.get_rng_state(), state)  # the mean draws nothing from the RNG
     np.testing.assert_allclose(mean, loc + SHIFT, rtol=1e-5, atol=1e-5)
     # The exported means decode the shifted draws: decoding one draw by hand agrees.
     with torch.no_grad():
