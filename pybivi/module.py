@@ -15,8 +15,11 @@ Generative story (``model``), for cell ``i`` with label ``c_i``::
 
     z_i ~ Normal(0, I)                         site "z"
     t_i ~ Normal(mu_{c_i}, I)                  site "t", masked for controls (t_i = 0)
-    rho_N, rho_M = softmax(f(z_i, t_i))        decoder; controls decode with t = 0
-    mu_N = l^N_i rho_N,  mu_M = l^M_i rho_M    observed per-species libraries
+    salient_i = 0 for controls, else t_i       deterministic site "salient"
+    rho_N, rho_M = softmax(f(z_i, salient_i))  decoder; deterministic "rho_nascent", ...
+    mu_N = l^N_i rho_N,  mu_M = l^M_i rho_M    observed libraries; "mean_nascent", ...
+    kinetic parameters of the scheme            "burst_size", ... (and "<name>_reference"
+                                               at the batch's reference library, if any)
     (x^N_i, x^M_i) ~ BivariateCME(mu_N, mu_M, theta, scheme)     site "x"
     (mature-only models: x^M_i ~ NB/ZINB(mu_M, theta)            site "x_mature")
 
@@ -30,7 +33,10 @@ when both are masked. ``kl_weight`` scales the latent sites (KL warm-up) in both
 Contract (relied on by :mod:`pybivi.posterior`, :mod:`pybivi.de`, :mod:`pybivi.ppc`)
 ------------------------------------------------------------------------------------
 * ``model(batch, kl_weight=1.0, observe=True)`` and ``guide(batch, kl_weight=1.0, observe=True)``
-  take the batch dictionaries of :mod:`pybivi.data`.
+  take the batch dictionaries of :mod:`pybivi.data` (optionally with
+  ``reference_library_<species>``). Posterior draws trace the guide and replay the model,
+  reading the deterministic sites (``salient``, ``mean_*``, ``rho_*``, kinetic parameters),
+  so an overridden guide or prior is what every downstream analysis sees.
 * ``encode(batch) -> {"z": (loc, scale), "t": (loc, scale)}`` (``"t"`` absent when
   ``n_salient == 0``).
 * ``decode(z, t, library_nascent, library_mature) -> dict`` with ``"mu_nascent"``,
@@ -42,7 +48,9 @@ Contract (relied on by :mod:`pybivi.posterior`, :mod:`pybivi.de`, :mod:`pybivi.p
   ``n_salient``.
 
 Customising: subclass and override one small method: ``background_prior``,
-``salient_prior``, ``likelihood_dist`` or ``decode``.
+``salient_prior``, ``likelihood_dist`` or ``decode`` (or the ``guide``), then hand the class
+to a model, ``pybivi.ContrastiveBiVI(adata, module_cls=MyModule)``; it is trained, saved,
+loaded, exported and tested like the default.
 """
 
 from __future__ import annotations
@@ -240,8 +248,33 @@ class ContrastiveModule(nn.Module):
     def _plate(self, batch: dict[str, Tensor]) -> pyro.plate:
         return pyro.plate("cells", self.n_cells, subsample=batch["index"])
 
+    def derived_quantities(self, decoded: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per cell-and-gene quantities of one decoding: ``mean_<species>``, ``rho_<species>``
+        and the scheme's kinetic parameters (named by ``scheme.kinetic_param_names``)."""
+        out = {}
+        for s in self.species:
+            out[f"mean_{s}"] = decoded[f"mu_{s}"]
+            out[f"rho_{s}"] = decoded[f"rho_{s}"]
+        if self.scheme is not None and "mu_nascent" in decoded:
+            kinetic = self.scheme.kinetic_params(
+                decoded["mu_nascent"], decoded["mu_mature"], self.theta
+            )
+            shape = decoded["mu_nascent"].shape
+            for k in self.scheme.kinetic_param_names:
+                out[k] = torch.broadcast_to(kinetic[k], shape)
+        return out
+
     def model(self, batch: dict[str, Tensor], kl_weight: float = 1.0, observe: bool = True):
-        """Generative model; ``observe=False`` samples the counts instead of observing them."""
+        """Generative model; ``observe=False`` samples the counts instead of observing them.
+
+        Besides the sample sites ``z``, ``t`` and ``x`` (``x_mature``), the model records
+        deterministic sites, which :class:`pyro.infer.Predictive` and the posterior export
+        return by name: ``salient`` (``t`` with controls at exactly 0) and, per cell and
+        gene, ``mean_<species>``, ``rho_<species>`` and the scheme's kinetic parameters at
+        the observed libraries. When the batch carries ``reference_library_<species>``
+        (numbers), the means and kinetic parameters are also recorded at that library,
+        under the same names with the suffix ``_reference``.
+        """
         pyro.module(self.pyro_name, self)
         control = batch["is_control"]
         with self._plate(batch):
@@ -251,9 +284,20 @@ class ContrastiveModule(nn.Module):
                 if self.n_salient:
                     with poutine.mask(mask=~control):
                         t = pyro.sample("t", self.salient_prior(batch))
-                    # Controls have t = 0 exactly; torch.where also blocks their gradient to q(t).
+                    # The one place of the control rule: controls have t = 0 exactly (a point
+                    # mass), whatever was drawn; torch.where also blocks their gradient to q(t).
                     t = torch.where(control.unsqueeze(-1), torch.zeros_like(t), t)
+                    pyro.deterministic("salient", t, event_dim=1)
             decoded = self.decode(z, t, batch.get("library_nascent"), batch["library_mature"])
+            for key, value in self.derived_quantities(decoded).items():
+                pyro.deterministic(key, value, event_dim=1)
+            if "reference_library_mature" in batch:
+                at_reference = self.decode(
+                    z, t, batch.get("reference_library_nascent"), batch["reference_library_mature"]
+                )
+                for key, value in self.derived_quantities(at_reference).items():
+                    if not key.startswith("rho_"):  # the frequencies do not depend on it
+                        pyro.deterministic(f"{key}_reference", value, event_dim=1)
             name, value = self.observation(batch)
             return pyro.sample(name, self.likelihood_dist(decoded), obs=value if observe else None)
 

@@ -1,9 +1,12 @@
 """Posterior samples of a fitted model as an :class:`arviz.InferenceData`.
 
-:func:`posterior` (bound as ``model.posterior(...)``) draws latents from the guide for
-the chosen cells and decodes them into per cell-and-gene quantities:
+:func:`posterior` (bound as ``model.posterior(...)``) draws latents from the module's Pyro
+guide for the chosen cells and replays its model on them: everything exported is a site of
+the model (the latents and its ``pyro.deterministic`` sites), so a user's own guide, prior,
+decoder or scheme is what the export shows:
 
-* ``z`` (dims ``cell, z_latent``) and ``t`` (``cell, t_latent``; exactly 0 for controls);
+* ``z`` (dims ``cell, z_latent``) and ``t`` (``cell, t_latent``; the model's ``salient``
+  site, exactly 0 for controls);
 * ``mean_nascent`` and ``mean_mature`` (``mu_N``, ``mu_M``) and every kinetic parameter of
   the model's reaction scheme, named by ``scheme.kinetic_param_names`` (bursty:
   ``burst_size``, ``splicing_rate`` = beta/k, ``degradation_rate`` = gamma/k), with dims
@@ -30,11 +33,20 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import pyro
 import torch
+from pyro import poutine
 
 from pybivi._idata import DrawBuffers
 
-__all__ = ["posterior", "iter_draws", "pooled_samples", "quantity_names", "LIBRARIES"]
+__all__ = [
+    "posterior",
+    "iter_draws",
+    "pooled_samples",
+    "trace_posterior",
+    "quantity_names",
+    "LIBRARIES",
+]
 
 LIBRARIES = ("observed", "reference")
 
@@ -72,21 +84,54 @@ def _gene_index(model: Any, genes: Sequence[str] | None) -> np.ndarray:
     return np.array([lookup[g] for g in genes], dtype=np.int64)
 
 
-def _draw(loc_scale: tuple[torch.Tensor, torch.Tensor], n: int, gen: torch.Generator):
-    loc, scale = loc_scale
-    eps = torch.randn((n, *loc.shape), generator=gen, dtype=loc.dtype, device="cpu")
-    return loc + scale * eps.to(loc.device)
+def _rng_devices(module: torch.nn.Module) -> list[torch.device]:
+    devices = {p.device for p in module.parameters() if p.device.type == "cuda"}
+    return sorted(devices, key=str)
 
 
-def _decoded_quantities(module: Any, decoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {k.replace("mu_", "mean_"): v for k, v in decoded.items() if k.startswith("mu_")}
-    out.update({k: v for k, v in decoded.items() if k.startswith("rho_")})
-    if module.scheme is not None and "mu_nascent" in decoded:
-        kinetic = module.scheme.kinetic_params(
-            decoded["mu_nascent"], decoded["mu_mature"], module.theta
+def _max_plate_nesting(module: Any, batch: dict[str, torch.Tensor]) -> int:
+    """Plates the model and guide nest (the ``cells`` plate: 1), from one unvectorised run."""
+    with poutine.block():
+        guide_trace = poutine.trace(module.guide).get_trace(batch)
+        model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(
+            batch
         )
-        out.update({k: kinetic[k] for k in module.scheme.kinetic_param_names})
-    return out
+    dims = [
+        -frame.dim
+        for trace in (guide_trace, model_trace)
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    ]
+    return max(dims, default=0)
+
+
+def trace_posterior(
+    module: Any, batch: dict[str, torch.Tensor], n_samples: int, nesting: int = 1
+) -> poutine.Trace:
+    """Trace of the model replayed on ``n_samples`` vectorised draws of the guide.
+
+    The guide and the model run inside one outer ``pyro.plate`` of ``n_samples`` particles
+    (left of the model's own ``nesting`` plates), so every latent and deterministic site
+    has a leading sample axis. Draws use the global torch RNG: seed it (or fork it) around
+    the call for reproducible, side-effect-free draws.
+    """
+    with pyro.plate("posterior_draws", n_samples, dim=-(nesting + 1)):
+        guide_trace = poutine.trace(module.guide).get_trace(batch)
+        return poutine.trace(poutine.replay(module.model, trace=guide_trace)).get_trace(batch)
+
+
+def _site_name(quantity: str, library: str) -> str:
+    """The model's site of a quantity at a library (``rho_*`` does not depend on it)."""
+    if library == "observed" or quantity.startswith("rho_"):
+        return quantity
+    return f"{quantity}_reference"
+
+
+def _site(trace: poutine.Trace, name: str, n_samples: int) -> torch.Tensor:
+    value = trace.nodes[name]["value"]
+    return value.expand(n_samples, *value.shape[-2:]) if value.dim() == 2 else value
 
 
 def iter_draws(
@@ -102,6 +147,12 @@ def iter_draws(
     seed: int = 0,
 ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
     """Posterior draws, one minibatch of cells at a time.
+
+    For each minibatch the module's guide is traced with ``n_samples`` vectorised particles
+    and the model is replayed on its draws (:func:`trace_posterior`); the quantities are
+    the model's deterministic sites, at the observed libraries and, for
+    ``"reference"``, at ``model.registry.reference_library`` (passed to the model as the
+    batch keys ``reference_library_<species>``).
 
     Parameters
     ----------
@@ -140,33 +191,42 @@ def iter_draws(
     module = model.module
     wanted = tuple(quantities) if quantities is not None else quantity_names(model)
     gene_idx = torch.as_tensor(_gene_index(model, genes))
-    ref = model.registry.reference_library
+    ref = {f"reference_library_{s}": float(v) for s, v in model.registry.reference_library.items()}
     gen = torch.Generator().manual_seed(int(seed))
+    nesting = None
     with _evaluation(module):
         batches = model.make_batches(adata=adata, indices=indices, batch_size=batch_size)
         for batch in batches:
-            params = module.encode(batch)
-            z = _draw(params["z"], n_samples, gen)
-            t = None
-            if "t" in params:
-                t = _draw(params["t"], n_samples, gen)
-                # Controls have t = 0 exactly (a delta at 0), whatever q(t | x) says.
-                t = torch.where(batch["is_control"].unsqueeze(-1), torch.zeros_like(t), t)
-            draws: dict[str, Any] = {"z": z, "t": t}
+            traced = dict(batch)
+            if "reference" in libraries:
+                traced.update({k: torch.tensor(v) for k, v in ref.items()})
+            # One seed per minibatch from the caller's seed; the global RNG is restored.
+            batch_seed = int(torch.randint(2**62, (1,), generator=gen))
+            with torch.random.fork_rng(devices=_rng_devices(module)):
+                torch.manual_seed(batch_seed)
+                if nesting is None:
+                    nesting = _max_plate_nesting(module, traced)
+                trace = trace_posterior(module, traced, n_samples, nesting)
+            sites = {name for name, site in trace.nodes.items() if site["type"] == "sample"}
+            t = _site(trace, "salient", n_samples) if "salient" in sites else None
+            draws: dict[str, Any] = {"z": _site(trace, "z", n_samples), "t": t}
+            gi = gene_idx.to(draws["z"].device)
             for lib in libraries:
-                if lib == "observed":
-                    lib_n, lib_m = batch.get("library_nascent"), batch["library_mature"]
-                else:
-                    lib_n, lib_m = ref["nascent"], ref["mature"]
-                available = _decoded_quantities(module, module.decode(z, t, lib_n, lib_m))
-                missing = [q for q in wanted if q not in available]
+                names = {q: _site_name(q, lib) for q in wanted}
+                missing = [q for q, name in names.items() if name not in sites]
                 if missing:
+                    kinetic = getattr(module.scheme, "kinetic_param_names", ())
+                    available = sorted(
+                        n for n in sites if n.startswith(("mean_", "rho_")) or n in kinetic
+                    )
                     raise KeyError(
                         f"quantities {missing} are not available for this model "
-                        f"(available: {sorted(available)})"
+                        f"(available: {available})"
                     )
-                gi = gene_idx.to(z.device)
-                draws[lib] = {q: available[q].index_select(-1, gi) for q in wanted}
+                draws[lib] = {
+                    q: _site(trace, name, n_samples).index_select(-1, gi)
+                    for q, name in names.items()
+                }
             yield batch, draws
 
 

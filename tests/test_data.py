@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -12,24 +10,7 @@ import torch
 from pybivi import data
 
 
-def make_adata(n_cells: int = 40, n_genes: int = 12, seed: int = 0, sparse: bool = False):
-    """Small count AnnData: labels NT (controls), A, B; every cell has counts."""
-    rng = np.random.default_rng(seed)
-    nascent = rng.poisson(2.0, size=(n_cells, n_genes)).astype(np.float32)
-    mature = rng.poisson(5.0, size=(n_cells, n_genes)).astype(np.float32)
-    nascent[:, 0] += 1  # no empty cells
-    mature[:, 0] += 1
-    labels = np.array(["NT", "A", "B", "NT"] * (n_cells // 4))
-    obs = pd.DataFrame({"perturbation": labels}, index=[f"c{i}" for i in range(n_cells)])
-    var = pd.DataFrame(index=[f"g{j}" for j in range(n_genes)])
-    conv = sp.csr_matrix if sparse else np.asarray
-    return ad.AnnData(
-        X=conv(mature.copy()), obs=obs, var=var,
-        layers={"unspliced": conv(nascent), "spliced": conv(mature)},
-    )
-
-
-def test_registry_and_batches_match_the_counts():
+def test_registry_and_batches_match_the_counts(make_adata):
     adata = make_adata()
     data.setup_anndata(adata)
     reg = data.make_registry(adata)
@@ -51,7 +32,7 @@ def test_registry_and_batches_match_the_counts():
     assert b["is_control"].dtype == torch.bool and b["x_mature"].dtype == torch.float32
 
 
-def test_sparse_counts_stay_sparse_and_give_the_same_batches():
+def test_sparse_counts_stay_sparse_and_give_the_same_batches(make_adata):
     dense, sparse = make_adata(), make_adata(sparse=True)
     for a in (dense, sparse):
         data.setup_anndata(a)
@@ -63,7 +44,7 @@ def test_sparse_counts_stay_sparse_and_give_the_same_batches():
         assert torch.equal(b_dense[key], b_sparse[key]), key
 
 
-def test_iterate_covers_each_cell_once_and_drops_singletons():
+def test_iterate_covers_each_cell_once_and_drops_singletons(make_adata):
     adata = make_adata(n_cells=41 - 1)
     data.setup_anndata(adata)
     cells = data.CellData(adata, data.make_registry(adata))
@@ -85,14 +66,14 @@ def test_iterate_covers_each_cell_once_and_drops_singletons():
         (lambda a: a.obs.__setitem__("perturbation", "A"), ValueError, "never occur"),
     ],
 )
-def test_setup_rejects_bad_input(mutate, error, match):
+def test_setup_rejects_bad_input(make_adata, mutate, error, match):
     adata = make_adata()
     mutate(adata)
     with pytest.raises(error, match=match):
         data.setup_anndata(adata)
 
 
-def test_setup_needs_control_and_perturbed_cells():
+def test_setup_needs_control_and_perturbed_cells(make_adata):
     adata = make_adata()
     adata.obs["perturbation"] = np.where(adata.obs["perturbation"] == "NT", "NT", "A")
     with pytest.raises(ValueError, match="no perturbed cells"):
@@ -112,7 +93,7 @@ def test_mismatched_shapes_are_reported():
         data._check_counts(np.ones((3, 4)), "mature counts", (3, 5))
 
 
-def test_mature_only_setup_ignores_a_missing_nascent_layer():
+def test_mature_only_setup_ignores_a_missing_nascent_layer(make_adata):
     adata = make_adata()
     del adata.layers["unspliced"]
     data.setup_anndata(adata, use_nascent=False, mature_layer=None)
@@ -122,7 +103,7 @@ def test_mature_only_setup_ignores_a_missing_nascent_layer():
     assert "x_nascent" not in batch and "library_nascent" not in batch
 
 
-def test_a_different_gene_set_is_refused_and_registry_round_trips():
+def test_a_different_gene_set_is_refused_and_registry_round_trips(make_adata):
     adata = make_adata()
     data.setup_anndata(adata)
     reg = data.make_registry(adata)

@@ -69,7 +69,7 @@ def _z(sample, expected, sd, n):
 
 def test_exact_bursty_moments_without_capture_noise():
     # Fixed capture, no cell cycle: genes outside the programs are i.i.d. bursty draws
-    # with b = capture x base b, so the SPEC's closed-form moments must hold.
+    # with b = capture x base b, so the scheme's closed-form moments must hold.
     a = datasets.simulate_perturbseq(
         n_cells=3000, n_genes=60, seed=1, capture_sigma=0.0, cell_cycle_fraction=0.0,
         genes_per_program=2, doublet_fraction=0.0,

@@ -10,7 +10,6 @@ import torch
 
 import pybivi
 from pybivi.cme import load_default_approximator
-from tests.test_data import make_adata
 
 
 def test_a_copy_per_device_and_the_shared_object_stays_put():
@@ -24,7 +23,7 @@ def test_a_copy_per_device_and_the_shared_object_stays_put():
     assert all(t.device == here for t in approx.net.state_dict().values())
 
 
-def test_moving_one_model_leaves_another_model_working():
+def test_moving_one_model_leaves_another_model_working(make_adata):
     adata = make_adata(n_cells=32)
     pybivi.ContrastiveBiVI.setup_anndata(adata)
     moved = pybivi.ContrastiveBiVI(adata, n_hidden=8, scheme="bursty")

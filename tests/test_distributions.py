@@ -330,17 +330,8 @@ def test_univariate_gradients():
 
 
 @pytest.fixture
-def exact_bursty(monkeypatch):
-    """The bursty scheme with the exact backend (the CME reference stands in for the solver
-    when ``pybivi.cme.exact`` is not available)."""
-    import pybivi.cme
-
-    if not hasattr(pybivi.cme, "exact_pmf"):
-        try:
-            from pybivi.cme.exact import exact_pmf
-        except ImportError:
-            from test_schemes import reference_exact_pmf as exact_pmf
-        monkeypatch.setattr(pybivi.cme, "exact_pmf", exact_pmf, raising=False)
+def exact_bursty():
+    """The bursty scheme with the exact backend (``pybivi.cme.exact_pmf``)."""
     return schemes.get("bursty", backend="exact")
 
 

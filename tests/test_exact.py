@@ -174,7 +174,7 @@ def test_large_burst_where_fixed_60_node_rule_fails(monod_pmf):
     _assert_moments(monod_pmf, "bursty", **MONOD)
     naive = _fixed_rule_pmf(b, beta, gamma, monod_pmf.shape)
     hellinger = np.sqrt(0.5 * ((np.sqrt(naive) - np.sqrt(monod_pmf)) ** 2).sum())
-    assert hellinger > 0.01  # SPEC: about 0.02
+    assert hellinger > 0.01  # about 0.02
     # Where the two differ, the generating function decides: at random points of the
     # FFT torus ours matches a 4x refined rule, the fixed rule does not. (Its moments
     # are right -- they only probe G near x = y = 1 -- so moments cannot show this.)

@@ -8,22 +8,27 @@ import torch
 
 import pybivi
 from pybivi import schemes
-from tests.test_data import make_adata
 
 torch.set_num_threads(1)
 
 FAST = dict(max_epochs=2, batch_size=16, progress_bar=False)
 
 
-def fitted(cls=pybivi.ContrastiveBiVI, seed=0, train=True, **kwargs):
-    adata = make_adata(n_cells=48)
-    cls.setup_anndata(adata)
-    if cls in (pybivi.ContrastiveBiVI, pybivi.BiVI):
-        kwargs.setdefault("scheme", "bursty")
-    model = cls(adata, n_hidden=16, seed=seed, **kwargs)
-    if train:
-        model.train(seed=seed, **FAST)
-    return model, adata
+@pytest.fixture
+def fitted(make_adata):
+    """Factory: ``fit(cls, seed, train, **kwargs)``: a small (trained) model and its AnnData."""
+
+    def fit(cls=pybivi.ContrastiveBiVI, seed=0, train=True, **kwargs):
+        adata = make_adata(n_cells=48)
+        cls.setup_anndata(adata)
+        if cls in (pybivi.ContrastiveBiVI, pybivi.BiVI):
+            kwargs.setdefault("scheme", "bursty")
+        model = cls(adata, n_hidden=16, seed=seed, **kwargs)
+        if train:
+            model.train(seed=seed, **FAST)
+        return model, adata
+
+    return fit
 
 
 @pytest.mark.parametrize(
@@ -35,7 +40,7 @@ def fitted(cls=pybivi.ContrastiveBiVI, seed=0, train=True, **kwargs):
         (pybivi.ContrastiveVI, "zinb", 10),
     ],
 )
-def test_the_four_models_are_one_module(cls, likelihood, n_salient):
+def test_the_four_models_are_one_module(fitted, cls, likelihood, n_salient):
     model, adata = fitted(cls)
     m = model.module
     assert type(m).__name__ == "ContrastiveModule"
@@ -56,7 +61,7 @@ def test_the_four_models_are_one_module(cls, likelihood, n_salient):
             model.get_latent_representation(kind="salient")
 
 
-def test_training_lowers_the_loss_and_reports_validation():
+def test_training_lowers_the_loss_and_reports_validation(fitted):
     model, _ = fitted(train=False)
     model.train(max_epochs=15, batch_size=16, lr=1e-2, progress_bar=False,
                 validation_fraction=0.25, kl_warmup_epochs=0)
@@ -68,7 +73,7 @@ def test_training_lowers_the_loss_and_reports_validation():
     assert model.elbo() == pytest.approx(h["train_loss"].iloc[-1], rel=0.2)
 
 
-def test_kl_warmup_rises_linearly_to_one():
+def test_kl_warmup_rises_linearly_to_one(fitted):
     model, _ = fitted(train=False)
     model.train(max_epochs=4, batch_size=16, kl_warmup_epochs=2, progress_bar=False)
     # 3 batches per epoch: the weight after epoch e is min(1, 1e-3 + (1 - 1e-3) * 3(e+1) / 6)
@@ -76,7 +81,7 @@ def test_kl_warmup_rises_linearly_to_one():
     np.testing.assert_allclose(model.history["kl_weight"], expected)
 
 
-def test_same_seed_same_result_and_other_seed_differs():
+def test_same_seed_same_result_and_other_seed_differs(fitted):
     a, _ = fitted(seed=3)
     b, _ = fitted(seed=3)
     c, _ = fitted(seed=4)
@@ -85,7 +90,7 @@ def test_same_seed_same_result_and_other_seed_differs():
     assert not np.allclose(za, zc)
 
 
-def test_save_load_round_trip_and_gene_check(tmp_path):
+def test_save_load_round_trip_and_gene_check(fitted, tmp_path):
     model, adata = fitted()
     model.save(tmp_path / "m")
     with pytest.raises(FileExistsError):
@@ -102,7 +107,7 @@ def test_save_load_round_trip_and_gene_check(tmp_path):
         pybivi.BiVI.load(tmp_path / "m", adata)
 
 
-def test_latents_of_new_data_and_a_gene_mismatch():
+def test_latents_of_new_data_and_a_gene_mismatch(fitted, make_adata):
     model, adata = fitted()
     other = make_adata(n_cells=20, seed=5)
     z = model.get_latent_representation(other, kind="background")
@@ -117,7 +122,7 @@ def test_latents_of_new_data_and_a_gene_mismatch():
     assert not np.allclose(draw, mean) and np.abs(draw - mean).mean() < 3
 
 
-def test_user_scheme_objects_and_unknown_names(tmp_path):
+def test_user_scheme_objects_and_unknown_names(fitted, tmp_path):
     class Copy(schemes.ExtrinsicScheme):
         name = "extrinsic_test_copy"
 
@@ -134,7 +139,7 @@ def test_user_scheme_objects_and_unknown_names(tmp_path):
         fitted(scheme="no_such_scheme", train=False)
 
 
-def test_setup_must_match_the_model_and_early_stopping_stops():
+def test_setup_must_match_the_model_and_early_stopping_stops(make_adata):
     adata = make_adata(n_cells=48)
     pybivi.SCVI.setup_anndata(adata)
     with pytest.raises(ValueError, match="setup_anndata"):
@@ -155,7 +160,7 @@ def test_setup_must_match_the_model_and_early_stopping_stops():
 
 @pytest.mark.slow
 def test_salient_space_beats_bivi_on_a_confounded_screen():
-    """Issue target: controls and perturbed cells share a dominant cell-cycle confounder and
+    """Controls and perturbed cells share a dominant cell-cycle confounder and
     the programs differ in kinetics; ContrastiveBiVI's salient space separates programs
     (ARI) and mixes phases (entropy) better than biVI's single latent space."""
     from pybivi.datasets import simulate_perturbseq

@@ -13,13 +13,12 @@ from torch.distributions import kl_divergence
 
 from pybivi import data
 from pybivi.module import ContrastiveModule
-from tests.test_data import make_adata
 
 torch.set_num_threads(1)
 
 
 def extrinsic_log_prob(n, m, m1, m2, a):
-    """SPEC section 3 closed form of the extrinsic (bivariate NB) law, written independently."""
+    """The closed form of the extrinsic (bivariate NB) law, written independently."""
     lg = torch.lgamma
     return (
         a * torch.log(a) - (a + n + m) * torch.log(a + m1 + m2) + n * torch.log(m1)
@@ -27,20 +26,26 @@ def extrinsic_log_prob(n, m, m1, m2, a):
     )
 
 
-def setup(n_salient=3, likelihood="cme", n_cells=40):
-    adata = make_adata(n_cells=n_cells)
-    data.setup_anndata(adata, use_nascent=likelihood == "cme")
-    reg = data.make_registry(adata)
-    torch.manual_seed(0)
-    module = ContrastiveModule(
-        reg.n_genes, len(reg.labels), reg.n_cells, n_background=4, n_salient=n_salient,
-        n_hidden=16, likelihood=likelihood, scheme="extrinsic",
-    )
-    with torch.no_grad():  # non-trivial label means and theta, so every term is exercised
-        module.salient_means.normal_()
-        module.log_theta.normal_(0.0, 0.5)
-    module.eval()  # deterministic encoders (no dropout, running batch-norm statistics)
-    return module, data.CellData(adata, reg)
+@pytest.fixture
+def make_module(make_adata):
+    """Factory: ``build(n_salient, likelihood, n_cells)``: a module in eval mode, its cells."""
+
+    def build(n_salient=3, likelihood="cme", n_cells=40):
+        adata = make_adata(n_cells=n_cells)
+        data.setup_anndata(adata, use_nascent=likelihood == "cme")
+        reg = data.make_registry(adata)
+        torch.manual_seed(0)
+        module = ContrastiveModule(
+            reg.n_genes, len(reg.labels), reg.n_cells, n_background=4, n_salient=n_salient,
+            n_hidden=16, likelihood=likelihood, scheme="extrinsic",
+        )
+        with torch.no_grad():  # non-trivial label means and theta, so every term is exercised
+            module.salient_means.normal_()
+            module.log_theta.normal_(0.0, 0.5)
+        module.eval()  # deterministic encoders (no dropout, running batch-norm statistics)
+        return module, data.CellData(adata, reg)
+
+    return build
 
 
 def num(x: torch.Tensor) -> float:
@@ -76,16 +81,16 @@ def manual_loss(module, batch, kl_weight=1.0, seed=0):
     return scale * (-loglik.sum() + kl_weight * kl.sum())
 
 
-def test_mean_field_bound_matches_the_paper_equations():
-    module, cells = setup()
+def test_mean_field_bound_matches_the_paper_equations(make_module):
+    module, cells = make_module()
     batch = cells.batch(np.arange(12))  # controls and perturbed cells mixed
     assert batch["is_control"].any() and (~batch["is_control"]).any()
     expected = manual_loss(module, batch)
     assert num(mean_field_loss(module, batch)) == pytest.approx(num(expected), rel=1e-5)
 
 
-def test_trace_elbo_masks_t_in_model_and_guide():
-    module, cells = setup()
+def test_trace_elbo_masks_t_in_model_and_guide(make_module):
+    module, cells = make_module()
     batch = cells.batch(np.arange(12))
     pyro.set_rng_seed(1)
     guide = poutine.trace(module.guide).get_trace(batch)
@@ -110,8 +115,8 @@ def test_trace_elbo_masks_t_in_model_and_guide():
     assert num(loss) == pytest.approx(num(expected), rel=1e-5)
 
 
-def test_control_loss_ignores_the_salient_encoder():
-    module, cells = setup()
+def test_control_loss_ignores_the_salient_encoder(make_module):
+    module, cells = make_module()
     labels = cells.is_control
     controls, perturbed = np.flatnonzero(labels)[:6], np.flatnonzero(~labels)[:6]
     before = {k: num(mean_field_loss(module, cells.batch(i))) for k, i in
@@ -130,8 +135,8 @@ def test_control_loss_ignores_the_salient_encoder():
         assert p.grad is None or torch.count_nonzero(p.grad) == 0
 
 
-def test_kl_warmup_scales_only_the_latent_terms():
-    module, cells = setup()
+def test_kl_warmup_scales_only_the_latent_terms(make_module):
+    module, cells = make_module()
     batch = cells.batch(np.arange(16))
     losses = [num(mean_field_loss(module, batch, w)) for w in (0.01, 0.5, 1.0)]
     # L(w) = reconstruction + w * KL: linear in w with slope the analytic KL
@@ -141,8 +146,8 @@ def test_kl_warmup_scales_only_the_latent_terms():
     assert kl > 0
 
 
-def test_plate_scales_a_minibatch_to_the_full_data():
-    module, cells = setup()
+def test_plate_scales_a_minibatch_to_the_full_data(make_module):
+    module, cells = make_module()
     batch = cells.batch(np.arange(8))
     tr = poutine.trace(module.model).get_trace(batch)
     assert tr.nodes["x"]["scale"] == pytest.approx(module.n_cells / 8)
@@ -150,8 +155,8 @@ def test_plate_scales_a_minibatch_to_the_full_data():
     assert tr.nodes["x"]["fn"].event_shape == (12, 2)  # genes x (nascent, mature)
 
 
-def test_decoder_frequencies_and_library_broadcasting():
-    module, cells = setup()
+def test_decoder_frequencies_and_library_broadcasting(make_module):
+    module, cells = make_module()
     batch = cells.batch(np.arange(5))
     z, t = torch.randn(2, 5, 4), torch.randn(5, 3)
     libs = torch.tensor([[10.0] * 5, [20.0] * 5])
@@ -166,8 +171,8 @@ def test_decoder_frequencies_and_library_broadcasting():
     assert (module.theta > 0).all() and module.theta.shape == (batch["x_mature"].shape[1],)
 
 
-def test_predictive_samples_counts_and_latents():
-    module, cells = setup()
+def test_predictive_samples_counts_and_latents(make_module):
+    module, cells = make_module()
     batch = cells.batch(np.arange(6))
     for parallel in (False, True):
         pred = Predictive(module.model, guide=module.guide, num_samples=3, parallel=parallel)
@@ -179,8 +184,8 @@ def test_predictive_samples_counts_and_latents():
 
 
 @pytest.mark.parametrize("likelihood", ["nb", "zinb"])
-def test_mature_only_modules(likelihood):
-    module, cells = setup(n_salient=0, likelihood=likelihood)
+def test_mature_only_modules(make_module, likelihood):
+    module, cells = make_module(n_salient=0, likelihood=likelihood)
     batch = cells.batch(np.arange(8))
     assert "x_nascent" not in batch and module.scheme is None
     tr = poutine.trace(module.model).get_trace(batch)
@@ -199,13 +204,13 @@ def test_mature_only_modules(likelihood):
                                rtol=1e-4, atol=1e-3)
 
 
-def test_a_subclass_replaces_the_prior_without_copying_the_model():
+def test_a_subclass_replaces_the_prior_without_copying_the_model(make_module):
     class WidePrior(ContrastiveModule):
         def background_prior(self, batch):
             loc = batch["x_mature"].new_zeros(len(batch["index"]), self.n_background)
             return dist.Normal(loc, 2.0 * torch.ones_like(loc)).to_event(1)
 
-    module, cells = setup(n_salient=0)
+    module, cells = make_module(n_salient=0)
     wide = WidePrior(12, 3, 40, n_background=4, n_salient=0, n_hidden=16, scheme="extrinsic")
     wide.load_state_dict(module.state_dict())
     wide.eval()
@@ -218,25 +223,25 @@ def test_a_subclass_replaces_the_prior_without_copying_the_model():
     assert num(diff) == pytest.approx(num(delta_kl) * 40 / 10, rel=1e-4)
 
 
-def test_bad_arguments_are_refused():
+def test_bad_arguments_are_refused(make_module):
     with pytest.raises(ValueError, match="likelihood"):
         ContrastiveModule(5, 2, 10, likelihood="poisson")
     with pytest.raises(ValueError, match="salient_prior"):
         ContrastiveModule(5, 2, 10, salient_prior="flat")
-    module, cells = setup()
+    module, cells = make_module()
     batch = cells.batch(np.arange(4))
     batch["label"][1] = -1  # a perturbed cell with an unseen label
     with pytest.raises(ValueError, match="label"):
         module.model(batch)
 
 
-def test_a_subclass_replaces_the_likelihood():
+def test_a_subclass_replaces_the_likelihood(make_module):
     class Poissons(ContrastiveModule):
         def likelihood_dist(self, decoded):
             rates = torch.stack([decoded["mu_nascent"], decoded["mu_mature"]], dim=-1)
             return dist.Poisson(rates).to_event(2)
 
-    module, cells = setup()
+    module, cells = make_module()
     pois = Poissons(12, 3, 40, n_background=4, n_salient=3, n_hidden=16, scheme="extrinsic")
     pois.load_state_dict(module.state_dict())
     pois.eval()
@@ -253,13 +258,13 @@ def test_a_subclass_replaces_the_likelihood():
     torch.testing.assert_close(model.nodes["x"]["fn"].log_prob(x), expected, rtol=1e-5, atol=1e-3)
 
 
-def test_plain_pyro_svi_trains_the_module():
+def test_plain_pyro_svi_trains_the_module(make_module):
     from pyro.infer import SVI
     from pyro.optim import Adam
 
     from pybivi.training import forget_params
 
-    module, cells = setup()
+    module, cells = make_module()
     module.train()
     batch = cells.batch(np.arange(40))
     svi = SVI(module.model, module.guide, Adam({"lr": 0.05}), TraceMeanField_ELBO())

@@ -1,4 +1,4 @@
-"""Posterior export to ArviZ: structure, SPEC identities, Monte Carlo checks, round trip."""
+"""Posterior export to ArviZ: structure, the paper's identities, Monte Carlo checks, round trip."""
 
 from __future__ import annotations
 
@@ -36,14 +36,14 @@ def bursty(adata):
     return ContrastiveBiVI(a, scheme="bursty", n_hidden=16, seed=2)
 
 
-def test_bursty_export_satisfies_spec_identities(bursty):
+def test_bursty_export_satisfies_the_paper_identities(bursty):
     idata = posterior.posterior(bursty, n_samples=3, indices=np.arange(50))
     post = idata.posterior
     for name in ("burst_size", "splicing_rate", "degradation_rate", "mean_nascent", "mean_mature"):
         assert post[name].dims == ("chain", "draw", "library", "cell", "gene")
     theta = idata.constant_data["theta"]
     mu_n, mu_m = post["mean_nascent"], post["mean_mature"]
-    # SPEC sec. 3: b = mu_N / theta, beta/k = 1 / theta, gamma/k = mu_N / (theta mu_M).
+    # Paper equation 3: b = mu_N / theta, beta/k = 1 / theta, gamma/k = mu_N / (theta mu_M).
     np.testing.assert_allclose(post["burst_size"], mu_n / theta, rtol=1e-5)
     np.testing.assert_allclose(post["splicing_rate"], (1 / theta).broadcast_like(mu_n), rtol=1e-5)
     np.testing.assert_allclose(post["degradation_rate"], mu_n / (theta * mu_m), rtol=1e-5)
@@ -121,7 +121,9 @@ def test_selection_coords_and_netcdf_round_trip(fitted, tmp_path):
 def test_seeded(fitted):
     a = posterior.posterior(fitted, indices=[0, 1], n_samples=3, seed=7)
     b = posterior.posterior(fitted, indices=[0, 1], n_samples=3, seed=7)
+    state = torch.get_rng_state()
     c = posterior.posterior(fitted, indices=[0, 1], n_samples=3, seed=8)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left as it was
     np.testing.assert_array_equal(a.posterior["z"].values, b.posterior["z"].values)
     assert not np.array_equal(a.posterior["z"].values, c.posterior["z"].values)
 
@@ -189,3 +191,41 @@ def test_model_method_is_the_posterior_function(fitted):
     # The draws are random (not a deterministic function of the seed alone): a new seed differs.
     other = fitted.posterior(**{**kwargs, "seed": 4})
     assert not np.array_equal(other.posterior["z"], by_method.posterior["z"])
+
+
+def test_predictive_returns_the_model_deterministic_sites_by_name(bursty):
+    """Derived quantities are sites of the model: Predictive returns them, and they obey the
+    scheme's maps, the library scaling and the control rule."""
+    from pyro.infer import Predictive
+
+    module = bursty.module
+    ref = bursty.registry.reference_library
+    batch = next(bursty.make_batches(indices=np.arange(32), batch_size=32))
+    batch = {**batch, "reference_library_nascent": torch.tensor(ref["nascent"]),
+             "reference_library_mature": torch.tensor(ref["mature"])}
+    kinetic = list(module.scheme.kinetic_param_names)
+    names = ["salient", "mean_nascent", "mean_mature", "rho_nascent", "rho_mature", *kinetic,
+             *[f"{k}_reference" for k in ("mean_nascent", "mean_mature", *kinetic)]]
+    module.eval()
+    with torch.no_grad():
+        out = Predictive(module.model, guide=module.guide, num_samples=4, return_sites=names)(
+            batch
+        )
+    assert set(names) <= set(out)
+    theta = module.theta.detach()
+    for suffix, lib_n, lib_m in (
+        ("", batch["library_nascent"][:, None], batch["library_mature"][:, None]),
+        ("_reference", ref["nascent"], ref["mature"]),
+    ):
+        mu_n, mu_m = out[f"mean_nascent{suffix}"], out[f"mean_mature{suffix}"]
+        assert mu_n.shape == (4, 32, bursty.registry.n_genes)
+        torch.testing.assert_close(mu_n, lib_n * out["rho_nascent"])
+        torch.testing.assert_close(mu_m, lib_m * out["rho_mature"])
+        torch.testing.assert_close(out[f"burst_size{suffix}"], mu_n / theta)
+        torch.testing.assert_close(out[f"splicing_rate{suffix}"], (1 / theta).expand_as(mu_n))
+        torch.testing.assert_close(out[f"degradation_rate{suffix}"], mu_n / (theta * mu_m))
+    control = batch["is_control"]
+    assert control.any() and (~control).any()
+    salient = out["salient"]
+    assert torch.all(salient[:, control] == 0) and torch.all(salient[:, ~control] != 0)
+

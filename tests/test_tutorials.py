@@ -43,6 +43,8 @@ def _run(script: str, out: Path) -> subprocess.CompletedProcess:
         MKL_NUM_THREADS="1",
         NUMBA_NUM_THREADS="1",
         PYTHONHASHSEED="0",
+        # The package of this checkout, not whichever copy the environment has installed.
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     )
     return subprocess.run(
         [sys.executable, str(TUTORIALS / script)],

@@ -19,8 +19,9 @@
 #    the module: instead of `t ~ Normal(mu_c, I)` each perturbation label gets its own learned
 #    spread, `t ~ Normal(mu_c, diag(s_c^2))`, so that a weak perturbation can keep its cells
 #    close to its mean and a heterogeneous one can spread them out;
-# 3. train it with a plain Pyro `SVI` loop on pybivi's minibatches, and hand it back to the
-#    high-level class for everything else.
+# 3. build it through the high-level class with `module_cls=`, train it with a plain Pyro
+#    `SVI` loop on pybivi's minibatches, and use the class for everything else (saving and
+#    loading included).
 
 # %%
 import os
@@ -75,7 +76,7 @@ model_trace = poutine.trace(poutine.replay(module.model, trace=guide_trace)).get
 for name, site in model_trace.nodes.items():
     if name == "cells":  # the plate's own subsample site
         continue
-    if site["type"] == "sample":
+    if site["type"] == "sample" and not site["infer"].get("_deterministic"):
         fn = site["fn"]
         print(f"{name:2s} {type(fn).__name__:12s} batch {tuple(fn.batch_shape)} "
               f"event {tuple(fn.event_shape)} observed={site['is_observed']}")
@@ -87,6 +88,15 @@ for name, site in model_trace.nodes.items():
 # contribute no salient KL term.
 
 # %%
+# Derived quantities are deterministic sites of the model: the salient latents with the
+# controls at 0, the decoded means and the scheme's kinetic parameters.
+deterministic = [
+    name for name, site in model_trace.nodes.items()
+    if site["type"] == "sample" and site["infer"].get("_deterministic")
+]
+print("deterministic sites:", deterministic)
+assert {"salient", "mean_nascent", "burst_size", "degradation_rate"} <= set(deterministic)
+assert torch.all(model_trace.nodes["salient"]["value"][batch["is_control"]] == 0)
 assert model_trace.nodes["x"]["fn"].event_shape == (adata.n_vars, 2)
 t_mask = model_trace.nodes["t"]["mask"]
 assert torch.equal(t_mask, ~batch["is_control"])
@@ -119,12 +129,16 @@ class LabelScaleModule(ContrastiveModule):
         return dist.Normal(loc, scale).to_event(1)
 
 
-# The same sizes as the high-level class uses; only the class changes.
-registry = model.registry
-custom = LabelScaleModule(
-    n_genes=registry.n_genes, n_labels=len(registry.labels), n_cells=registry.n_cells,
-    scheme=SCHEME,
-)
+# %% [markdown]
+# The model class builds its module from `module_cls`: the same sizes and settings as the
+# default, only the class changes. (A subclass with arguments of its own takes them through
+# `module_kwargs={...}`.)
+
+# %%
+custom_model = pybivi.ContrastiveBiVI(adata, scheme=SCHEME, seed=0, module_cls=LabelScaleModule)
+custom = custom_model.module
+registry = custom_model.registry
+assert isinstance(custom, LabelScaleModule)
 
 # %% [markdown]
 # ## 3. Train it with Pyro's SVI
@@ -138,18 +152,18 @@ custom = LabelScaleModule(
 # %%
 pyro.set_rng_seed(0)
 rng = np.random.default_rng(0)
-before = evaluate_loss(custom, model.make_batches(batch_size=256))
+before = evaluate_loss(custom, custom_model.make_batches(batch_size=256))
 svi = SVI(custom.model, custom.guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())
 losses = []
 for _ in range(EPOCHS):
     custom.train()
     epoch_loss = 0.0
-    for b in model.make_batches(batch_size=128, shuffle=True, rng=rng):
+    for b in custom_model.make_batches(batch_size=128, shuffle=True, rng=rng):
         if len(b["index"]) < 2:  # batch normalisation needs two cells
             continue
         epoch_loss += svi.step(b) / custom.n_cells
     losses.append(epoch_loss)
-after = evaluate_loss(custom, model.make_batches(batch_size=256))
+after = evaluate_loss(custom, custom_model.make_batches(batch_size=256))
 print("training loss per epoch:", np.round(losses, 1))
 print(f"negative ELBO per cell: {before:.1f} before training, {after:.1f} after")
 assert after < before
@@ -170,14 +184,27 @@ scales.to_csv(OUT / "learned_salient_scales.csv")
 # %% [markdown]
 # ## 4. Back to the high-level API
 #
-# The model classes only need a module with the same methods, so the trained custom module can
-# be put in place of the default one: representations, posterior export, Bayes factors and
-# posterior-predictive checks then work unchanged.
+# The custom module already lives inside `custom_model`, so representations, posterior export,
+# Bayes factors and posterior-predictive checks work unchanged: they trace the module's guide and
+# replay its model, so the learned spreads shape every draw. `model.train(...)` would have
+# trained it too; we trained it by hand, so we say so.
 
 # %%
-model.module = custom
-model.is_trained = True
-salient = model.get_latent_representation(kind="salient")
+custom_model.is_trained = True
+salient = custom_model.get_latent_representation(kind="salient")
 assert np.all(salient[adata.obs["is_control"].to_numpy()] == 0.0)
 print("salient representation:", salient.shape)
-print(f"negative ELBO per cell (model.elbo): {model.elbo():.1f}")
+print(f"negative ELBO per cell (model.elbo): {custom_model.elbo():.1f}")
+
+# %% [markdown]
+# Saving stores the module's class by its import path (here `__main__:LabelScaleModule`) and
+# loading imports it again, so the learned spreads come back with the weights. To load in
+# another Python session, define the class in a module that session can import (or pass
+# `module_cls=` to `load`).
+
+# %%
+custom_model.save(OUT / "label_scale_model", overwrite=True)
+loaded = pybivi.ContrastiveBiVI.load(OUT / "label_scale_model", adata)
+assert type(loaded.module).__name__ == "LabelScaleModule"
+assert torch.equal(loaded.module.log_salient_scale, custom.log_salient_scale.detach())
+print("reloaded:", loaded)

@@ -21,8 +21,8 @@
 #    `extrinsic` and `bursty`, and compare them by their evidence lower bound (ELBO) and by
 #    posterior-predictive checks;
 # 2. write a new scheme from scratch (a gene that switches on and off slowly), check that it
-#    is a proper probability law, register it, and fit a model with it, without touching any
-#    model code.
+#    is a proper probability law (by hand, then with `schemes.testing.check_scheme`), register
+#    it, and fit a model with it, without touching any model code.
 #
 # All rates are in units of the burst (or transcription) frequency `k`.
 
@@ -214,6 +214,19 @@ assert abs(off_fraction - p00) < 5 * np.sqrt(p00 * (1 - p00) / 200_000)
 assert np.allclose(draws.mean(0).numpy(), [3.0, 6.0], rtol=0.02)
 print(f"sum of probabilities = {float(p.sum()):.12f}; P(0,0) = {p00:.4f}, "
       f"sampled {off_fraction:.4f}")
+
+# %% [markdown]
+# `pybivi.schemes.testing.check_scheme` runs these checks, and more, in one call: the
+# protocol (the kinetic parameters it names are the ones it returns), shapes and broadcasting
+# of every method, normalisation and moments (on a grid and against Monte Carlo draws of its
+# sampler) at a few parameter sets, and gradients of `log_prob` against finite differences (the
+# model is fitted by gradient descent through them). It raises an `AssertionError` naming the
+# failed check, or returns a short report.
+
+# %%
+report = schemes.testing.check_scheme(scheme)
+print(report)
+assert report.measures["normalisation"] < 1e-6
 
 # %% [markdown]
 # ## 4. Register it and fit

@@ -4,8 +4,8 @@ Representation
 --------------
 ``Phat(m | n) = sum_j w_j NB(m; mean exp(L_j), shape r)``: ``K`` negative-binomial
 kernels that share one shape ``r`` per pair, so the expensive ``lgamma`` terms are
-computed once per pair, not once per kernel (SPEC section 5 measures the ten-kernel
-``lgamma`` work alone at about 0.06 s per 256,000 pairs). The kernel log-means sit at
+computed once per pair, not once per kernel (with ten separate kernels, the ``lgamma``
+work alone takes about 0.06 s per 256,000 pairs on one CPU core). The kernel log-means sit at
 standard-normal nodes ``z_j`` of a *Poisson-lognormal* moment match of the mature
 count given ``n``:
 

@@ -239,7 +239,7 @@ def _extrinsic(p: dict[str, float], n_max: int, m_max: int) -> np.ndarray:
     m1, m2 = a / p["beta"], a / p["gamma"]
     n = np.arange(n_max + 1, dtype=np.float64)[:, None]
     m = np.arange(m_max + 1, dtype=np.float64)[None, :]
-    # SPEC section 3, in log space (gammaln, xlogy) so large counts do not overflow.
+    # The extrinsic closed form, in log space (gammaln, xlogy) so large counts do not overflow.
     logp = (
         special.xlogy(a, a)
         - (a + n + m) * np.log(a + m1 + m2)

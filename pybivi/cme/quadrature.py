@@ -1,4 +1,4 @@
-"""Generating-function solver for the bursty two-species CME (SPEC section 4).
+"""Generating-function solver for the bursty two-species CME (docs: *Exact solutions*).
 
 The steady-state probability generating function of the bursty scheme (rates in
 units of the burst frequency, ``k = 1``) is, with ``u = x - 1`` and ``v = y - 1``,

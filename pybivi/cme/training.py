@@ -2,8 +2,8 @@
 
 Entry points: :func:`train_approximator` (Python) and :func:`main` (``pybivi approximator
 train``). Training minimises ``sum_n P(n) KL(P(. | n) || Phat(. | n))`` averaged over
-parameter sets, which is exactly the joint ``KL(P || NB x Phat)`` that the accuracy
-targets measure (the nascent marginal is exact).
+parameter sets, which is exactly the joint ``KL(P || NB x Phat)`` by which the
+approximator's accuracy is measured (the nascent marginal is exact).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ _DROP = 1e-15  # conditional probabilities below this (relative to the row) are 
 
 
 def marginal_moments(b: np.ndarray, beta: np.ndarray, gamma: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Means and variances of (N, M) of the bursty scheme (SPEC section 4)."""
+    """Means and variances of (N, M) of the bursty scheme (closed forms; see the docs)."""
     mu_n, mu_m = b / beta, b / gamma
     var_n = mu_n * (1.0 + b)
     var_m = mu_m * (1.0 + b * beta / (beta + gamma))
@@ -127,7 +127,7 @@ def _nodes(b: float, beta: float, gamma: float, per_decade: int = 2, order: int 
 
 
 def bursty_joint(b: float, beta: float, gamma: float, shape: tuple[int, int] | None = None):
-    """Exact bursty joint PMF on an FFT grid (SPEC section 4), float64 ``(L_N, L_M)``.
+    """Exact bursty joint PMF on an FFT grid (generating function), float64 ``(L_N, L_M)``.
 
     The generating function is evaluated on the roots of unity by the quadrature of
     :func:`_nodes` and inverted by a real 2-D FFT (Hermitian symmetry halves the work).

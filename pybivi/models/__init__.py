@@ -13,7 +13,8 @@ Typical use::
 
 Contract (relied on by :mod:`pybivi.posterior`, :mod:`pybivi.de`, :mod:`pybivi.ppc`)
 ------------------------------------------------------------------------------------
-* ``model.module``: the Pyro module (see :mod:`pybivi.module` for its methods).
+* ``model.module``: the Pyro module (see :mod:`pybivi.module` for its methods), an
+  instance of the class attribute ``module_cls`` or of the ``module_cls=`` argument.
 * ``model.registry``: a :class:`pybivi.data.Registry` (``n_cells``, ``n_genes``,
   ``obs_names``, ``var_names``, ``labels``, ``control_labels``, ``perturbation_key``,
   ``reference_library`` = per-species median library of the training cells).
@@ -33,6 +34,7 @@ from __future__ import annotations
 from typing import Any
 
 from pybivi.models.base import BaseModel
+from pybivi.module import ContrastiveModule
 
 __all__ = ["ContrastiveBiVI", "BiVI", "SCVI", "ContrastiveVI", "BaseModel"]
 
@@ -56,6 +58,13 @@ class ContrastiveBiVI(BaseModel):
         Encoder dropout (paper: 0.1).
     seed
         Seed of the weight initialisation.
+    module_cls
+        Class of the Pyro module to build: :class:`pybivi.module.ContrastiveModule`
+        (default) or a subclass with its own prior, likelihood, decoder or guide.
+        :meth:`save` stores its import path and :meth:`load` imports it again.
+    module_kwargs
+        Extra constructor arguments of ``module_cls`` (JSON values, so that the model can
+        be saved).
     """
 
     _use_nascent, _contrastive = True, True
@@ -69,16 +78,19 @@ class ContrastiveBiVI(BaseModel):
         scheme: Any = "bursty",
         dropout: float = 0.1,
         seed: int = 0,
+        module_cls: type[ContrastiveModule] | None = None,
+        module_kwargs: dict[str, Any] | None = None,
     ) -> None:
         kwargs = dict(n_background=n_background, n_salient=n_salient, n_hidden=n_hidden,
                       dropout=dropout, likelihood="cme", scheme=scheme, salient_prior="label")
-        self._build(adata, kwargs, seed)
+        self._build(adata, kwargs, seed, module_cls, module_kwargs)
 
 
 class BiVI(BaseModel):
     """biVI: one latent ``z``, nascent + mature counts, reaction-scheme likelihood.
 
-    Parameters are as in :class:`ContrastiveBiVI`, with ``n_latent`` the dimension of ``z``.
+    Parameters are as in :class:`ContrastiveBiVI` (``module_cls`` and ``module_kwargs``
+    included), with ``n_latent`` the dimension of ``z``.
     Perturbation labels are optional.
     """
 
@@ -92,16 +104,19 @@ class BiVI(BaseModel):
         scheme: Any = "bursty",
         dropout: float = 0.1,
         seed: int = 0,
+        module_cls: type[ContrastiveModule] | None = None,
+        module_kwargs: dict[str, Any] | None = None,
     ) -> None:
         kwargs = dict(n_background=n_latent, n_salient=0, n_hidden=n_hidden, dropout=dropout,
                       likelihood="cme", scheme=scheme, salient_prior="label")
-        self._build(adata, kwargs, seed)
+        self._build(adata, kwargs, seed, module_cls, module_kwargs)
 
 
 class SCVI(BaseModel):
     """scVI: one latent ``z``, mature counts only, ``"zinb"`` (paper) or ``"nb"`` likelihood.
 
     Perturbation labels are optional; ``nascent_layer`` is ignored at setup.
+    ``module_cls`` and ``module_kwargs`` are as in :class:`ContrastiveBiVI`.
     """
 
     _use_nascent, _contrastive = False, False
@@ -114,12 +129,14 @@ class SCVI(BaseModel):
         likelihood: str = "zinb",
         dropout: float = 0.1,
         seed: int = 0,
+        module_cls: type[ContrastiveModule] | None = None,
+        module_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if likelihood not in ("nb", "zinb"):
             raise ValueError(f"SCVI likelihood must be 'nb' or 'zinb', got {likelihood!r}")
         kwargs = dict(n_background=n_latent, n_salient=0, n_hidden=n_hidden, dropout=dropout,
                       likelihood=likelihood, scheme=None, salient_prior="label")
-        self._build(adata, kwargs, seed)
+        self._build(adata, kwargs, seed, module_cls, module_kwargs)
 
 
 class ContrastiveVI(BaseModel):
@@ -127,6 +144,7 @@ class ContrastiveVI(BaseModel):
 
     ``salient_prior="standard"`` (default, as in scvi-tools) uses ``t ~ Normal(0, I)``;
     ``"label"`` learns a mean per perturbation label as ContrastiveBiVI does.
+    ``module_cls`` and ``module_kwargs`` are as in :class:`ContrastiveBiVI`.
     """
 
     _use_nascent, _contrastive = False, True
@@ -141,10 +159,12 @@ class ContrastiveVI(BaseModel):
         salient_prior: str = "standard",
         dropout: float = 0.1,
         seed: int = 0,
+        module_cls: type[ContrastiveModule] | None = None,
+        module_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if likelihood not in ("nb", "zinb"):
             raise ValueError(f"ContrastiveVI likelihood must be 'nb' or 'zinb', got {likelihood!r}")
         kwargs = dict(n_background=n_background, n_salient=n_salient, n_hidden=n_hidden,
                       dropout=dropout, likelihood=likelihood, scheme=None,
                       salient_prior=salient_prior)
-        self._build(adata, kwargs, seed)
+        self._build(adata, kwargs, seed, module_cls, module_kwargs)

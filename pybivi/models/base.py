@@ -5,6 +5,8 @@ See :mod:`pybivi.models` for the classes and the contract they keep.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -14,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pyro
 import torch
+from pyro import poutine
 
 from pybivi import data as _data
 from pybivi.module import ContrastiveModule
@@ -24,6 +27,50 @@ __all__ = ["BaseModel"]
 _CONFIG = "config.json"
 _WEIGHTS = "module.pt"
 _HISTORY = "history.csv"
+
+
+_RESERVED = ("n_genes", "n_labels", "n_cells")
+
+
+def class_path(cls: type) -> str:
+    """Import path ``"package.module:QualName"`` of a class, as stored by ``save``."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def import_class(path: str) -> type:
+    """The class at ``"package.module:QualName"`` (the inverse of :func:`class_path`).
+
+    Raises
+    ------
+    ImportError
+        The module cannot be imported or has no such attribute.
+    """
+    module_name, _, qualname = path.partition(":")
+    if not module_name or not qualname or "<locals>" in qualname:
+        raise ImportError(
+            f"the module class {path!r} cannot be imported: define it at the top level of "
+            "an importable module, or pass module_cls= to load()"
+        )
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as err:
+        raise ImportError(
+            f"the saved module class {path!r} cannot be imported ({err}); make it importable "
+            "(e.g. install or add to sys.path the package that defines it) or pass "
+            "module_cls= to load()"
+        ) from err
+    return obj
+
+
+def _check_module_cls(module_cls: Any) -> type[ContrastiveModule]:
+    if not (isinstance(module_cls, type) and issubclass(module_cls, ContrastiveModule)):
+        raise TypeError(
+            "module_cls must be pybivi.module.ContrastiveModule or a subclass of it, got "
+            f"{module_cls!r}"
+        )
+    return module_cls
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -42,6 +89,8 @@ class BaseModel:
     _use_nascent: bool = True
     #: whether the model has salient latents (needs controls and perturbed cells)
     _contrastive: bool = True
+    #: the module class built by the constructor (a subclass may set its own)
+    module_cls: type[ContrastiveModule] = ContrastiveModule
 
     @classmethod
     def setup_anndata(
@@ -83,7 +132,27 @@ class BaseModel:
             contrastive=cls._contrastive,
         )
 
-    def _build(self, adata: Any, module_kwargs: dict[str, Any], seed: int) -> None:
+    def _build(
+        self,
+        adata: Any,
+        module_kwargs: dict[str, Any],
+        seed: int,
+        module_cls: type[ContrastiveModule] | None = None,
+        extra_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        """Register ``adata`` and build the module.
+
+        ``module_kwargs`` are the arguments the model class sets; ``extra_kwargs`` (the
+        user's ``module_kwargs=``) go to a custom ``module_cls`` on top of them.
+        """
+        module_cls = _check_module_cls(self.module_cls if module_cls is None else module_cls)
+        extra = dict(extra_kwargs or {})
+        clash = sorted(set(extra) & (set(module_kwargs) | set(_RESERVED) | {"seed"}))
+        if clash:
+            raise ValueError(
+                f"module_kwargs repeats arguments that the model sets itself: {clash}; pass "
+                "them to the model class instead"
+            )
         registry = _data.make_registry(adata)
         name = type(self).__name__
         if registry.use_nascent != self._use_nascent:
@@ -94,28 +163,35 @@ class BaseModel:
         if self._contrastive and registry.perturbation_key is None:
             raise ValueError(f"{name} needs perturbation labels; call {name}.setup_anndata first")
         self._init_kwargs = {**module_kwargs, "seed": seed}
+        self._module_cls, self._module_kwargs = module_cls, extra
         self.registry = registry
         self.adata = adata
         self._cells = _data.CellData(adata, registry, check=False)
         # Seeded initialisation: the same seed gives the same model on the same machine.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.module = ContrastiveModule(
-                n_genes=registry.n_genes,
-                n_labels=len(registry.labels),
-                n_cells=registry.n_cells,
-                **module_kwargs,
-            )
+            self.module = self._make_module(module_kwargs)
         self.device = torch.device("cpu")
         self.history = pd.DataFrame(
             columns=["epoch", "train_loss", "kl_weight", "validation_loss"]
         )
         self.is_trained = False
 
+    def _make_module(self, module_kwargs: dict[str, Any]) -> ContrastiveModule:
+        registry = self.registry
+        return self._module_cls(
+            n_genes=registry.n_genes,
+            n_labels=len(registry.labels),
+            n_cells=registry.n_cells,
+            **module_kwargs,
+            **self._module_kwargs,
+        )
+
     def __repr__(self) -> str:
         m, reg = self.module, self.registry
+        custom = "" if type(m) is ContrastiveModule else f", module_cls={type(m).__name__}"
         return (
-            f"{type(self).__name__}(n_cells={reg.n_cells}, n_genes={reg.n_genes}"
+            f"{type(self).__name__}(n_cells={reg.n_cells}, n_genes={reg.n_genes}{custom}"
             f", n_background={m.n_background}, n_salient={m.n_salient}, likelihood={m.likelihood!r}"
             f", scheme={getattr(m.scheme, 'name', None)!r}, trained={self.is_trained})"
         )
@@ -278,17 +354,28 @@ class BaseModel:
             raise ValueError(f"kind must be 'salient' or 'background', got {kind!r}")
         if kind == "salient" and not has_t:
             raise ValueError(f"{type(self).__name__} has no salient latents; use kind='background'")
-        site = "t" if kind == "salient" else "z"
-        was_training = self.module.training
-        self.module.eval()
+        # Through the guide and the model: the model's "salient" site applies the control
+        # rule (t = 0), and a user's own guide is honoured. The mean replays the model on
+        # the guide's means; the global RNG is left as it was.
+        site = "salient" if kind == "salient" else "z"
+        module = self.module
+        was_training = module.training
+        module.eval()
         out = []
-        for batch in self.make_batches(adata, batch_size=batch_size):
-            loc, scale = self.module.encode(batch)[site]
-            value = loc if give_mean else torch.distributions.Normal(loc, scale).sample()
-            if site == "t":
-                value = torch.where(batch["is_control"].unsqueeze(-1), 0.0, value)
-            out.append(value.cpu().numpy())
-        self.module.train(was_training)
+        with contextlib.ExitStack() as stack:
+            if give_mean:
+                devices = [self.device] if self.device.type == "cuda" else []
+                stack.enter_context(torch.random.fork_rng(devices=devices))
+            for batch in self.make_batches(adata, batch_size=batch_size):
+                guide_trace = poutine.trace(module.guide).get_trace(batch)
+                if give_mean:
+                    for name in ("z", "t"):
+                        if name in guide_trace.nodes:
+                            node = guide_trace.nodes[name]
+                            node["value"] = node["fn"].mean
+                model = poutine.trace(poutine.replay(module.model, trace=guide_trace))
+                out.append(model.get_trace(batch).nodes[site]["value"].cpu().numpy())
+        module.train(was_training)
         return np.concatenate(out, axis=0).astype(np.float32)
 
     def posterior(self, adata: Any = None, indices: Any = None, n_samples: int = 25, **kwargs: Any):
@@ -321,27 +408,53 @@ class BaseModel:
 
     # ------------------------------------------------------------- save/load
     def save(self, path: str | Path, overwrite: bool = False) -> None:
-        """Write the weights, registry, settings and history to directory ``path``."""
+        """Write the weights, registry, settings and history to directory ``path``.
+
+        The module's class is stored by its import path (``"package.module:QualName"``)
+        together with the ``module_kwargs`` it was built with, so that :meth:`load`
+        rebuilds a user's subclass of :class:`~pybivi.module.ContrastiveModule`.
+
+        Raises
+        ------
+        FileExistsError
+            ``path`` is a non-empty directory and ``overwrite`` is false.
+        ValueError
+            ``module_kwargs`` holds values that cannot be written as JSON.
+        """
         path = Path(path)
         if path.exists() and any(path.iterdir()) and not overwrite:
             raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True")
-        path.mkdir(parents=True, exist_ok=True)
         kwargs = dict(self._init_kwargs)
         if kwargs.get("scheme") is not None and not isinstance(kwargs["scheme"], str):
             kwargs["scheme"] = kwargs["scheme"].name  # user schemes are re-found by name
         config = {
             "class": type(self).__name__,
             "init_kwargs": kwargs,
+            "module_cls": class_path(type(self.module)),
+            "module_kwargs": self._module_kwargs,
             "registry": self.registry.to_dict(),
             "is_trained": self.is_trained,
         }
-        (path / _CONFIG).write_text(json.dumps(config, indent=1))
+        try:
+            text = json.dumps(config, indent=1)
+        except TypeError as err:
+            raise ValueError(
+                f"cannot save: the module arguments must be JSON numbers, strings, lists or "
+                f"dictionaries ({err})"
+            ) from None
+        path.mkdir(parents=True, exist_ok=True)
+        (path / _CONFIG).write_text(text)
         torch.save({k: v.cpu() for k, v in self.module.state_dict().items()}, path / _WEIGHTS)
         self.history.to_csv(path / _HISTORY, index=False)
 
     @classmethod
     def load(
-        cls, path: str | Path, adata: Any, device: str | torch.device = "cpu", scheme: Any = None
+        cls,
+        path: str | Path,
+        adata: Any,
+        device: str | torch.device = "cpu",
+        scheme: Any = None,
+        module_cls: type[ContrastiveModule] | None = None,
     ) -> BaseModel:
         """Load a model written by :meth:`save`, bound to ``adata`` (same genes required).
 
@@ -356,11 +469,16 @@ class BaseModel:
         scheme
             Reaction-scheme object to use instead of the saved name (a user scheme that
             is not registered, or a bursty scheme with another backend).
+        module_cls
+            Module class to build instead of the saved one (by default the class whose
+            import path :meth:`save` stored is imported).
 
         Raises
         ------
         ValueError
             ``adata`` has different genes, or the directory holds another model class.
+        ImportError
+            The saved module class cannot be imported (and no ``module_cls`` is given).
         """
         path = Path(path)
         if not (path / _CONFIG).exists():
@@ -375,13 +493,14 @@ class BaseModel:
         seed = kwargs.pop("seed", 0)
         if scheme is not None:
             kwargs["scheme"] = scheme
+        if module_cls is None:
+            module_cls = import_class(config.get("module_cls", class_path(ContrastiveModule)))
         model._init_kwargs = {**kwargs, "seed": seed}
+        model._module_cls = _check_module_cls(module_cls)
+        model._module_kwargs = dict(config.get("module_kwargs") or {})
         model.registry, model.adata = registry, adata
         model._cells = _data.CellData(adata, registry, check=True)
-        model.module = ContrastiveModule(
-            n_genes=registry.n_genes, n_labels=len(registry.labels), n_cells=registry.n_cells,
-            **kwargs,
-        )
+        model.module = model._make_module(kwargs)
         state = torch.load(path / _WEIGHTS, map_location="cpu", weights_only=True)
         model.module.load_state_dict(state)
         model.module.eval()

@@ -11,6 +11,7 @@ calling :func:`register`::
         name = "my_scheme"
         ...
 
+    pybivi.schemes.testing.check_scheme(MyScheme())   # raises if it is not a sound law
     pybivi.schemes.register(MyScheme())
     scheme = pybivi.schemes.get("my_scheme")
 """
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+# ``pybivi.schemes.testing.check_scheme``: is a scheme a sound law?
+from pybivi.schemes import testing as testing
 from pybivi.schemes.base import ReactionScheme
 from pybivi.schemes.bursty import BurstyScheme, ExactConditional, sample_bursty
 from pybivi.schemes.constitutive import ConstitutiveScheme

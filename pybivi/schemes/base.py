@@ -52,7 +52,7 @@ class ReactionScheme(abc.ABC):
     def kinetic_params(
         self, mu_nascent: Tensor, mu_mature: Tensor, theta: Tensor
     ) -> dict[str, Tensor]:
-        """Map ``(mu_nascent, mu_mature, theta)`` to the kinetic parameters (SPEC section 3)."""
+        """Map ``(mu_nascent, mu_mature, theta)`` to the kinetic parameters (docs: concepts)."""
 
     @abc.abstractmethod
     def log_prob(

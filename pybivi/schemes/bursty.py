@@ -275,7 +275,7 @@ def _resolve_backend(backend: Any) -> Any:
 class BurstyScheme(ReactionScheme):
     """Bursty transcription with splicing: the likelihood of ContrastiveBiVI.
 
-    Kinetic parameters from the decoder's quantities (SPEC section 3)::
+    Kinetic parameters from the decoder's quantities (ContrastiveBiVI paper, equation 3)::
 
         b = mu_nascent / theta,  beta = 1 / theta,  gamma = mu_nascent / (theta * mu_mature)
 

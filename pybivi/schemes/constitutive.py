@@ -21,7 +21,8 @@ class ConstitutiveScheme(ReactionScheme):
     """Independent Poisson nascent and mature counts (``theta`` unused).
 
     Kinetic parameters: ``splicing_rate = 1 / mu_nascent``,
-    ``degradation_rate = 1 / mu_mature`` (SPEC section 3).
+    ``degradation_rate = 1 / mu_mature`` (see the reaction-schemes table of the documentation,
+    concepts page).
     """
 
     name = "constitutive"

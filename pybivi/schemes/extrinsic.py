@@ -3,7 +3,7 @@
 Each cell-gene draws a transcription rate ``lam ~ Gamma(shape alpha, mean 1)`` (in
 units of ``k``); given it, N and M are independent Poissons with means
 ``lam / beta`` and ``lam / gamma``. Integrating ``lam`` out gives a bivariate negative
-binomial with the closed form of SPEC section 3::
+binomial with the closed form::
 
     log P(n, m) = a log a - (a + n + m) log(a + m1 + m2) + n log m1 + m log m2
                   + lgamma(n + m + a) - lgamma(a) - lgamma(n + 1) - lgamma(m + 1)
@@ -38,7 +38,8 @@ class ExtrinsicScheme(ReactionScheme):
     """Bivariate negative binomial: a shared gamma-distributed transcription rate.
 
     Kinetic parameters: ``alpha = theta``, ``splicing_rate = theta / mu_nascent``,
-    ``degradation_rate = theta / mu_mature`` (SPEC section 3).
+    ``degradation_rate = theta / mu_mature`` (see the reaction-schemes table of the
+    documentation, concepts page).
     """
 
     name = "extrinsic"
