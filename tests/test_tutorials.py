@@ -43,6 +43,8 @@ def _run(script: str, out: Path) -> subprocess.CompletedProcess:
         MKL_NUM_THREADS="1",
         NUMBA_NUM_THREADS="1",
         PYTHONHASHSEED="0",
+        # This checkout's package, whatever an editable install in the environment points at.
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
     )
     return subprocess.run(
         [sys.executable, str(TUTORIALS / script)],
