@@ -142,20 +142,22 @@ def score_phase(
 
 def _cell_filter(
     adata: ad.AnnData,
-    perturbation_key: str,
+    perturbation_key: str | None,
     controls: list[str],
     program_key: str | None,
     drop_labels: Sequence[str],
     doublet_key: str | None,
 ) -> tuple[np.ndarray, dict[str, int]]:
     """Boolean mask of the cells to keep, and how many each rule removed."""
-    labels = adata.obs[perturbation_key].astype(str).to_numpy()
     keep = np.ones(adata.n_obs, dtype=bool)
     removed: dict[str, int] = {}
     if doublet_key is not None and doublet_key in adata.obs:
         doublet = adata.obs[doublet_key].fillna(False).astype(bool).to_numpy()
         removed["doublets"] = int((keep & doublet).sum())
         keep &= ~doublet
+    if perturbation_key is None:  # no labels: only the doublet rule applies
+        return keep, removed
+    labels = adata.obs[perturbation_key].astype(str).to_numpy()
     if drop_labels:
         listed = np.isin(labels, [str(x) for x in drop_labels])
         removed["dropped_labels"] = int((keep & listed).sum())
@@ -175,14 +177,25 @@ def _cell_filter(
 def _checked_inputs(
     adata: object,
     layers: tuple[str, str],
-    perturbation_key: str,
+    perturbation_key: str | None,
     control_labels: str | Sequence[str],
     hvg_flavor: str,
+    program_key: str | None = None,
+    drop_labels: Sequence[str] = (),
 ) -> list[str]:
     """Validate :func:`prepare`'s inputs (clear errors, nothing deep in scanpy); the controls."""
     if not isinstance(adata, ad.AnnData):
         raise ValueError(f"prepare expects an AnnData, got {type(adata).__name__}")
     validate_counts(adata, layers)
+    if hvg_flavor not in ("seurat", "cell_ranger"):
+        raise ValueError(f"hvg_flavor must be 'seurat' or 'cell_ranger', not {hvg_flavor!r}")
+    if perturbation_key is None:
+        if program_key is not None or len(drop_labels):
+            raise ValueError(
+                "program_key and drop_labels select cells by perturbation label; they need "
+                "a perturbation_key (got perturbation_key=None)"
+            )
+        return []
     if perturbation_key not in adata.obs:
         raise KeyError(
             f"perturbation_key {perturbation_key!r} is not a column of adata.obs "
@@ -193,8 +206,6 @@ def _checked_inputs(
     missing = [c for c in controls if c not in labels]
     if missing:
         raise ValueError(f"control label(s) {missing} not found in obs[{perturbation_key!r}]")
-    if hvg_flavor not in ("seurat", "cell_ranger"):
-        raise ValueError(f"hvg_flavor must be 'seurat' or 'cell_ranger', not {hvg_flavor!r}")
     return controls
 
 
@@ -216,7 +227,7 @@ def _top_variable_genes(adata: ad.AnnData, n_top_genes: int, hvg_flavor: str) ->
 
 def prepare(
     adata: ad.AnnData,
-    perturbation_key: str = "perturbation",
+    perturbation_key: str | None = "perturbation",
     control_labels: str | Sequence[str] = ("NT",),
     *,
     program_key: str | None = None,
@@ -247,7 +258,11 @@ def prepare(
     adata
         Cells x genes with raw count layers ``nascent_layer`` and ``mature_layer``.
     perturbation_key
-        ``obs`` column of perturbation labels.
+        ``obs`` column of perturbation labels, or ``None`` for data without
+        perturbations (e.g. a tissue or a time course, fitted with
+        :class:`pybivi.BiVI`): then no cell is selected by label, ``control_labels``
+        is ignored, ``program_key`` and ``drop_labels`` must be left unset and no
+        ``is_control`` column is written.
     control_labels
         Label(s) of the control cells (e.g. ``"NT"`` or non-targeting guides).
     program_key
@@ -280,7 +295,8 @@ def prepare(
         The prepared copy; ``uns["pybivi_prepare"]`` records what each step did.
     """
     controls = _checked_inputs(
-        adata, (nascent_layer, mature_layer), perturbation_key, control_labels, hvg_flavor
+        adata, (nascent_layer, mature_layer), perturbation_key, control_labels, hvg_flavor,
+        program_key, drop_labels,
     )
 
     keep, removed = _cell_filter(
@@ -289,7 +305,9 @@ def prepare(
     out = adata[keep].copy()
     out.layers["unspliced"] = sp.csr_matrix(out.layers[nascent_layer])
     out.layers["spliced"] = sp.csr_matrix(out.layers[mature_layer])
-    if not np.isin(out.obs[perturbation_key].astype(str), controls).any():
+    if perturbation_key is not None and not np.isin(
+        out.obs[perturbation_key].astype(str), controls
+    ).any():
         raise ValueError("no control cells left after filtering")
 
     scored = False
@@ -310,9 +328,10 @@ def prepare(
     out.X = out.layers["spliced"].copy()
     for extra in {nascent_layer, mature_layer} - {"unspliced", "spliced"}:
         del out.layers[extra]
-    out.obs["is_control"] = np.isin(out.obs[perturbation_key].astype(str), controls)
+    if perturbation_key is not None:
+        out.obs["is_control"] = np.isin(out.obs[perturbation_key].astype(str), controls)
     out.uns["pybivi_prepare"] = {
-        "perturbation_key": perturbation_key,
+        "perturbation_key": perturbation_key if perturbation_key is not None else "",
         "control_labels": controls,
         "program_key": program_key if program_key is not None else "",
         "cells_in": int(adata.n_obs),

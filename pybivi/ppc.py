@@ -11,7 +11,9 @@ the observed and replicated
 
 and summarise where the observed statistic falls among the replicates: the
 posterior-predictive p-value ``ppp = (#(rep < obs) + 0.5 #(rep == obs)) / R``. A well
-calibrated model puts few genes in the tails (``ppp < 0.025`` or ``> 0.975``).
+calibrated model puts few genes in the tails (``ppp < 0.025`` or ``> 0.975``): with ``R``
+replicates, exactly :func:`expected_coverage` ``(R)`` of them inside (0.905 at ``R = 20``,
+0.941 at ``R = 100``), the number to compare ``fraction_central_95`` with.
 
 Statistics are accumulated over minibatches as sums, so memory is
 ``O(n_replicates x n_genes)`` plus one minibatch of replicated counts.
@@ -29,6 +31,8 @@ import torch
 
 __all__ = [
     "STATISTICS",
+    "expected_coverage",
+    "calibration_bins",
     "CountMoments",
     "statistics",
     "ppp_values",
@@ -155,6 +159,69 @@ def ppp_values(observed: np.ndarray, replicates: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(observed) & (n > 0), ppp, np.nan)
 
 
+def expected_coverage(n_replicates: int, tail: float = TAIL) -> float:
+    """Share of genes a *calibrated* model puts inside the central ``1 - 2 tail``.
+
+    Derivation: if the model is calibrated, the observed statistic ``Y`` and its ``R``
+    replicates ``X_1..X_R`` are exchangeable draws of one continuous law, so the number
+    ``K`` of replicates below ``Y`` (the rank of ``Y`` among the ``R + 1`` values) is
+    uniform on ``{0, ..., R}``, and ``ppp = K / R``. A gene counts as inside when
+    ``tail <= K / R <= 1 - tail``, i.e. when ``X_(i) <= Y < X_(j)`` for the order
+    statistics ``i = ceil(tail R)``, ``j = floor((1 - tail) R) + 1``, which happens with
+    probability ``(j - i) / (R + 1)``. For ``tail = 0.025``: ``19/21 = 0.905`` at
+    ``R = 20``, ``39/41 = 0.951`` at ``R = 40``, ``95/101 = 0.941`` at ``R = 100``; it
+    tends to 0.95 as ``R`` grows. Statistics with ties (mid-rank ``ppp``, e.g. a zero
+    fraction over few cells) differ slightly.
+
+    Parameters
+    ----------
+    n_replicates
+        Number of replicated datasets ``R``.
+    tail
+        Tail probability on each side (0.025 for the central 95%).
+
+    Returns
+    -------
+    float
+        The probability, computed with the same comparison as :func:`summarise`.
+    """
+    if n_replicates < 1:
+        raise ValueError(f"n_replicates must be >= 1, got {n_replicates}")
+    if not 0.0 <= tail < 0.5:
+        raise ValueError(f"tail must be in [0, 0.5), got {tail}")
+    grid = np.arange(n_replicates + 1) / n_replicates
+    return float(np.mean(np.abs(grid - 0.5) <= 0.5 - tail))
+
+
+def calibration_bins(n_replicates: int, max_bins: int = 25) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram bins of ``ppp`` values aligned to their grid ``k / R``.
+
+    Every bin holds whole grid values ``k / R`` (with the half steps ``(k + 1/2) / R``
+    that ties produce); at most ``max_bins`` bins of nearly equal numbers of grid
+    values.
+
+    Parameters
+    ----------
+    n_replicates
+        Number of replicated datasets ``R``.
+    max_bins
+        Largest number of bins.
+
+    Returns
+    -------
+    tuple
+        ``(edges, values_per_bin)``: ``len(edges) = n_bins + 1`` and the number of grid
+        values ``k / R`` in each bin (divide counts by it for a histogram that is flat,
+        at ``1 / (R + 1)`` per value, under calibration).
+    """
+    if n_replicates < 1 or max_bins < 1:
+        raise ValueError("n_replicates and max_bins must be >= 1")
+    n_values = n_replicates + 1
+    bounds = np.unique(np.round(np.linspace(0, n_values, min(max_bins, n_values) + 1)))
+    edges = (bounds - 0.25) / n_replicates
+    return edges, np.diff(bounds).astype(np.float64)
+
+
 @dataclasses.dataclass
 class PPCResult:
     """Outcome of a posterior-predictive check.
@@ -170,10 +237,24 @@ class PPCResult:
         (long format: index gene, columns ``statistic``, ``observed``, ``replicate_mean``,
         ``replicate_sd``, ``ppp``).
     summary
-        One row per statistic: the overall value (mean over genes) observed and in the
-        replicates with its ``ppp``, the fraction of genes in each tail, the fraction
-        inside the central 95%, and the correlation across genes of observed and
-        replicate-mean values (on log scale for means and variances).
+        One row per statistic:
+
+        * ``observed_overall``, ``replicate_overall``: the statistic averaged over genes,
+          in the data and in the replicates;
+        * ``ppp_overall``: the ``ppp`` of that gene average. It tests one number (the
+          average level over all genes), not the genes' calibration: with many genes the
+          replicates' average barely varies, so a bias of a few percent shared by the
+          genes already gives 0 or 1. Read ``median_ratio`` for the size of such a bias
+          and the ``fraction_*`` columns for calibration;
+        * ``median_ratio``: median over genes of replicate mean / observed (genes with a
+          positive observed value): 0.8 for a variance means the model predicts 20% less
+          variance than observed for the typical gene;
+        * ``fraction_low_tail`` / ``fraction_high_tail``: genes with ``ppp < 0.025`` /
+          ``> 0.975``; ``fraction_central_95``: the rest;
+        * ``expected_central_95``: what a calibrated model reaches with this number of
+          replicates (:func:`expected_coverage`; 0.905 at 20, 0.941 at 100);
+        * ``gene_correlation``: correlation across genes of observed and replicate-mean
+          values (on log scale for means and variances).
     """
 
     observed: pd.DataFrame
@@ -211,17 +292,23 @@ def summarise(
             x, y = np.log1p(x), np.log1p(y)
         corr = np.corrcoef(x, y)[0, 1] if len(x) > 2 and x.std() > 0 and y.std() > 0 else np.nan
         overall_rep = np.nanmean(rep, axis=1)
+        positive = ok & np.isfinite(rep_mean) & (obs > 0)
+        ratio = np.nan
+        if positive.any():
+            ratio = float(np.median(rep_mean[positive] / obs[positive]))
         summary.append(
             {
                 "statistic": name,
                 "observed_overall": float(np.nanmean(obs)),
                 "replicate_overall": float(np.mean(overall_rep)),
                 "ppp_overall": float(ppp_values(np.nanmean(obs)[None], overall_rep[:, None])[0]),
+                "median_ratio": ratio,
                 "fraction_low_tail": float(np.mean(ppp[ok] < TAIL)) if ok.any() else np.nan,
                 "fraction_high_tail": float(np.mean(ppp[ok] > 1 - TAIL)) if ok.any() else np.nan,
                 "fraction_central_95": float(np.mean(np.abs(ppp[ok] - 0.5) <= 0.5 - TAIL))
                 if ok.any()
                 else np.nan,
+                "expected_central_95": expected_coverage(rep.shape[0]),
                 "gene_correlation": float(corr),
             }
         )
@@ -305,75 +392,7 @@ def ppc(
     return summarise(observed.finalize(), replicated.finalize(), genes)
 
 
-def plot_ppc(result: PPCResult, statistics: Sequence[str] | None = None):
-    """Observed versus replicated statistics: per gene (top) and their distributions (bottom).
-
-    Top row: each gene's observed statistic against the replicates' mean, with a bar of
-    +-2 replicate sd and the identity line (log axes for means and variances). Bottom
-    row: histogram over genes of the observed statistic and of the replicated one
-    (all replicates pooled).
-    """
-    from matplotlib.figure import Figure
-
-    names = list(statistics) if statistics is not None else list(result.observed.columns)
-    fig = Figure(figsize=(3.0 * len(names), 5.6), layout="constrained")
-    axes = fig.subplots(2, len(names), squeeze=False)
-    for j, name in enumerate(names):
-        t = result.table[result.table["statistic"] == name]
-        log = name.startswith(("mean", "variance"))
-        ax = axes[0, j]
-        ax.errorbar(
-            t["observed"],
-            t["replicate_mean"],
-            yerr=2 * t["replicate_sd"],
-            fmt=".",
-            ms=3,
-            alpha=0.6,
-            elinewidth=0.5,
-        )
-        finite = np.concatenate([t["observed"], t["replicate_mean"]])
-        finite = finite[np.isfinite(finite) & ((finite > 0) if log else True)]
-        if finite.size:
-            lo, hi = finite.min(), finite.max()
-            ax.plot([lo, hi], [lo, hi], color="k", lw=0.7)
-        if log:
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-        ax.set_title(name.replace("_", " "), fontsize="medium")
-        ax.set_xlabel("observed")
-        rep = np.asarray(result.replicates[name]).ravel()
-        obs = t["observed"].to_numpy()
-        transform = (lambda v: np.log10(v[v > 0])) if log else (lambda v: v[np.isfinite(v)])
-        bins = np.histogram_bin_edges(np.concatenate([transform(obs), transform(rep)]), 30)
-        axes[1, j].hist(transform(rep), bins=bins, density=True, alpha=0.5, label="replicated")
-        axes[1, j].hist(
-            transform(obs), bins=bins, density=True, histtype="step", color="k", label="observed"
-        )
-        axes[1, j].set_xlabel(("log10 " if log else "") + name.replace("_", " "))
-    axes[0, 0].set_ylabel("replicate mean (+-2 sd)")
-    axes[1, 0].set_ylabel("density over genes")
-    axes[1, 0].legend(fontsize="small", frameon=False)
-    return fig
-
-
-def plot_calibration(result: PPCResult):
-    """Histograms of the per-gene posterior-predictive p-values, one panel per statistic.
-
-    A calibrated model gives a roughly flat (or central) histogram; mass piled at 0 or 1
-    means the observed statistic falls outside the replicates for many genes.
-    """
-    from matplotlib.figure import Figure
-
-    names = list(result.observed.columns)
-    fig = Figure(figsize=(2.6 * len(names), 2.6), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(names)))
-    for ax, name in zip(axes, names, strict=True):
-        ppp = result.table.loc[result.table["statistic"] == name, "ppp"].to_numpy()
-        ax.hist(ppp[np.isfinite(ppp)], bins=np.linspace(0, 1, 21), color="0.4")
-        ax.set_title(name.replace("_", " "), fontsize="medium")
-        ax.set_xlabel("ppp")
-    axes[0].set_ylabel("genes")
-    return fig
+from pybivi.ppc_plots import plot_calibration, plot_ppc  # noqa: E402 (re-exported)
 
 
 def section(model_or_result: Any, n_replicates: int = 20, seed: int = 0) -> dict[str, Any]:
@@ -399,11 +418,15 @@ def section(model_or_result: Any, n_replicates: int = 20, seed: int = 0) -> dict
     s = result.summary
     parts = [
         f"{name.replace('_', ' ')}: {100 * row['fraction_central_95']:.0f}% of genes inside the "
-        f"replicates' central 95% (corr. across genes {row['gene_correlation']:.2f})"
+        f"replicates' central 95%, replicate/observed median ratio {row['median_ratio']:.2f} "
+        f"(corr. across genes {row['gene_correlation']:.2f})"
         for name, row in s.iterrows()
     ]
-    text = "Posterior-predictive check (observed statistic among replicated datasets): " + (
-        "; ".join(parts) + "."
+    n_rep = next(iter(result.replicates.values())).shape[0]
+    text = (
+        f"Posterior-predictive check (observed statistic among {n_rep} replicated datasets; "
+        f"a calibrated model puts {100 * expected_coverage(n_rep):.1f}% of genes inside the "
+        f"central 95% with {n_rep} replicates): " + "; ".join(parts) + "."
     )
     return {
         "result": result,

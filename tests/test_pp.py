@@ -161,3 +161,26 @@ def test_prepare_real_data_smoke(name):
     assert (np.asarray(out.layers["spliced"].sum(1)).ravel() > 0).all()
     want = a[out.obs_names, out.var_names].layers["unspliced"].toarray()
     np.testing.assert_array_equal(out.layers["unspliced"].toarray(), want)
+
+
+def test_prepare_without_perturbations_keeps_every_singlet():
+    """``perturbation_key=None`` (biVI-style data): no label rule, doublets still dropped."""
+    a = _screen(n_cells=200, seed=3)
+    del a.obs["guide"]  # no perturbation column at all
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = pp.prepare(a, perturbation_key=None, n_top_genes=100)
+    singlets = ~a.obs["doublet"].to_numpy()
+    totals_n = np.asarray(a[:, out.var_names].layers["unspliced"].sum(1)).ravel()
+    totals_m = np.asarray(a[:, out.var_names].layers["spliced"].sum(1)).ravel()
+    expected = singlets & (totals_n > 0) & (totals_m > 0)
+    assert list(out.obs_names) == list(a.obs_names[expected])
+    assert out.n_vars == 100 and "is_control" not in out.obs
+    assert out.uns["pybivi_prepare"]["perturbation_key"] == ""
+    import pybivi
+
+    pybivi.BiVI.setup_anndata(out, perturbation_key=None)  # ready for a model
+    with pytest.raises(ValueError, match="need.*perturbation_key"):
+        pp.prepare(a, perturbation_key=None, program_key="prog")
+    with pytest.raises(ValueError, match="need.*perturbation_key"):
+        pp.prepare(a, perturbation_key=None, drop_labels=["junk"])

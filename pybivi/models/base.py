@@ -19,6 +19,7 @@ import torch
 from pyro import poutine
 
 from pybivi import data as _data
+from pybivi import diagnostics as _diagnostics
 from pybivi.module import ContrastiveModule
 from pybivi.training import evaluate_loss, fit
 
@@ -176,6 +177,11 @@ class BaseModel:
             columns=["epoch", "train_loss", "kl_weight", "validation_loss"]
         )
         self.is_trained = False
+        #: cells trained on and held out by the last :meth:`train` (``None`` before it)
+        self.train_indices: np.ndarray | None = None
+        self.validation_indices: np.ndarray | None = None
+        #: :meth:`diagnostics` at the end of the last training run (bursty models)
+        self.training_diagnostics: pd.DataFrame | None = None
 
     def _make_module(self, module_kwargs: dict[str, Any]) -> ContrastiveModule:
         registry = self.registry
@@ -240,6 +246,8 @@ class BaseModel:
         validation_fraction: float | None = None,
         early_stopping_patience: int = 10,
         min_kl_weight: float = 1e-3,
+        split_seed: int | None = None,
+        validation_particles: int = 1,
     ) -> pd.DataFrame:
         """Fit by minibatch SVI (paper appendix C defaults).
 
@@ -249,9 +257,11 @@ class BaseModel:
             Adam on minibatches of cells (paper: 100, 128, 1e-3, 1e-6).
         kl_warmup_epochs
             Length of the linear KL warm-up in epochs; default ``max_epochs // 4``
-            (at least 1). ``0`` disables it.
+            (at least 1), so it grows with ``max_epochs``: pass a number to keep the same
+            warm-up when comparing runs of different lengths. ``0`` disables it.
         seed
-            Seeds minibatch order, the validation split and the reparameterised draws.
+            Seeds minibatch order, the reparameterised draws and, unless ``split_seed``
+            is given, the validation split.
         progress_bar
             Show a tqdm bar with the ELBO per cell.
         device
@@ -260,7 +270,15 @@ class BaseModel:
             Stop when the validation (else training) loss has not improved for that many epochs.
         validation_fraction
             Fraction of cells held out for ``history["validation_loss"]``; default 0.1 with
-            early stopping, else 0.
+            early stopping, else 0. The cells used are kept in :attr:`train_indices` and
+            :attr:`validation_indices`.
+        split_seed
+            Seed of the validation split alone. Runs with the same ``split_seed`` and
+            ``validation_fraction`` hold out the same cells whatever their ``seed``, so
+            their validation losses are paired. ``None``: the split is drawn from ``seed``.
+        validation_particles
+            Particles (latent draws per cell) of the validation loss; more particles
+            lower its noise (variance about ``1 / validation_particles``).
 
         Returns
         -------
@@ -275,14 +293,18 @@ class BaseModel:
             raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
         if kl_warmup_epochs is None:
             kl_warmup_epochs = max(1, max_epochs // 4)
+        if int(validation_particles) < 1:
+            raise ValueError(f"validation_particles must be >= 1, got {validation_particles}")
         self.to(device)
         pyro.set_rng_seed(seed)
         rng = np.random.default_rng(seed)
-        order = rng.permutation(self.registry.n_cells)
+        split_rng = rng if split_seed is None else np.random.default_rng(split_seed)
+        order = split_rng.permutation(self.registry.n_cells)
         n_val = int(round(validation_fraction * len(order)))
         if n_val and len(order) - n_val < 2:
             raise ValueError("too few cells left for training after the validation split")
         val_idx, train_idx = np.sort(order[:n_val]), order[n_val:]
+        self.train_indices, self.validation_indices = np.sort(train_idx), val_idx
         cells, device_ = self._cells, self.device
 
         def train_batches(epoch: int):
@@ -294,30 +316,87 @@ class BaseModel:
             return cells.iterate(val_idx, max(batch_size, 512), device=device_)
 
         n_batches = sum(1 for s in range(0, len(train_idx), batch_size) if len(train_idx) - s > 1)
-        history = fit(
-            self.module,
-            train_batches,
-            n_batches=max(n_batches, 1),
-            max_epochs=max_epochs,
-            lr=lr,
-            weight_decay=weight_decay,
-            kl_warmup_epochs=kl_warmup_epochs,
-            validation_batches=validation_batches if n_val else None,
-            early_stopping=early_stopping,
-            patience=early_stopping_patience,
-            min_kl_weight=min_kl_weight,
-            progress_bar=progress_bar,
-        )
+        with _diagnostics.quiet_backend(self.module):
+            history = fit(
+                self.module,
+                train_batches,
+                n_batches=max(n_batches, 1),
+                max_epochs=max_epochs,
+                lr=lr,
+                weight_decay=weight_decay,
+                kl_warmup_epochs=kl_warmup_epochs,
+                validation_batches=validation_batches if n_val else None,
+                early_stopping=early_stopping,
+                patience=early_stopping_patience,
+                min_kl_weight=min_kl_weight,
+                progress_bar=progress_bar,
+                validation_particles=int(validation_particles),
+            )
         if len(self.history):
             history["epoch"] += int(self.history["epoch"].max()) + 1
             history = pd.concat([self.history, history], ignore_index=True)
         self.history = history
         self.is_trained = True
+        _diagnostics.after_training(self)
         return self.history
 
-    def elbo(self, adata: Any = None, batch_size: int = 512) -> float:
-        """Full negative ELBO per cell of ``adata`` (default: training data), eval mode."""
-        return evaluate_loss(self.module, self.make_batches(adata, batch_size=batch_size))
+    def elbo(
+        self,
+        adata: Any = None,
+        batch_size: int = 512,
+        indices: np.ndarray | Sequence[int] | None = None,
+        n_particles: int = 1,
+        seed: int | None = None,
+    ) -> float:
+        """Negative ELBO per cell of ``adata`` (default: training data), eval mode.
+
+        Parameters
+        ----------
+        adata
+            Cells to score (default: the training data).
+        batch_size
+            Cells per forward pass.
+        indices
+            Rows of ``adata`` (e.g. ``model.validation_indices``); default all.
+        n_particles
+            Latent draws per cell; the estimate's variance falls as ``1 / n_particles``.
+        seed
+            Seed of the latent draws (the global random state is restored); ``None``
+            uses the current one.
+
+        Returns
+        -------
+        float
+            The estimated negative ELBO per cell (lower is better).
+        """
+        if int(n_particles) < 1:
+            raise ValueError(f"n_particles must be >= 1, got {n_particles}")
+        batches = self.make_batches(adata, indices=indices, batch_size=batch_size)
+        with torch.random.fork_rng(devices=[]), _diagnostics.quiet_backend(self.module):
+            if seed is not None:
+                torch.manual_seed(seed)
+            return evaluate_loss(self.module, batches, n_particles=int(n_particles))
+
+    def diagnostics(self, adata: Any = None, by: str = "region") -> pd.DataFrame:
+        """Share of ``(n, m)`` pairs outside the bursty approximator's domain, now.
+
+        Evaluated at the current parameters (posterior-mean latents, observed libraries)
+        on every cell of ``adata`` (default: the training data); see
+        :func:`pybivi.diagnostics.domain_table` for the regions and what each means.
+        Models without the shipped approximator get an empty table.
+
+        Parameters
+        ----------
+        adata
+            Cells to evaluate (default: the training data).
+        by
+            ``"region"`` (one row per region and ``outside``) or ``"gene"``.
+
+        Returns
+        -------
+        pandas.DataFrame
+        """
+        return _diagnostics.domain_table(self, adata, by=by)
 
     # ---------------------------------------------------------------- latents
     @torch.no_grad()
@@ -434,6 +513,12 @@ class BaseModel:
             "module_kwargs": self._module_kwargs,
             "registry": self.registry.to_dict(),
             "is_trained": self.is_trained,
+            "split": None
+            if self.train_indices is None
+            else {
+                "train": [int(i) for i in self.train_indices],
+                "validation": [int(i) for i in self.validation_indices],
+            },
         }
         try:
             text = json.dumps(config, indent=1)
@@ -506,5 +591,11 @@ class BaseModel:
         model.module.eval()
         model.history = pd.read_csv(path / _HISTORY)
         model.is_trained = bool(config["is_trained"])
+        split = config.get("split")
+        model.train_indices = None if not split else np.asarray(split["train"], dtype=np.int64)
+        model.validation_indices = (
+            None if not split else np.asarray(split["validation"], dtype=np.int64)
+        )
         model.device = torch.device("cpu")
+        model.training_diagnostics = None
         return model.to(device)
