@@ -1,24 +1,28 @@
-"""Bayes-factor differential tests on posterior samples (paper appendix E, SPEC section 6).
+"""Differential tests of groups of cells: kinetic parameters and mean expression.
 
-Two tests, both on random pairs of posterior samples drawn from two groups of cells:
+Two functions, each with two methods:
 
-* :func:`kinetic` -- biVI's procedure on the kinetic parameters of a reaction scheme
-  (for the bursty scheme the burst size ``b`` and the relative degradation rate
-  ``gamma/k``) at a reference library. Samples are pooled per group, ``n_pairs``
-  random pairs are drawn, ``lfc = log2(a) - log2(b)`` and the Bayes factor is the
-  ratio of the number of pairs outside and inside ``[-delta, delta]``. Default
-  ``delta = 1``, call where ``BF > 3`` (the paper's rule).
-* :func:`mean` -- scvi-tools' ``change`` mode on the normalised mature expression
-  ``rho_M`` (mature-only SCVI / ContrastiveVI, or any model): ``lfc = log2(a + eps) -
-  log2(b + eps)``, ``P(DE) = max(P(lfc >= delta), P(lfc < -delta))`` and the Bayes
-  factor is the odds ``P / (1 - P)``. Default ``delta = 0.2``, call where ``BF > 2``
-  (the paper's rule as stated). scvi-tools reports the natural log of the odds in
-  its ``bayes_factor`` column: our ``log_bayes_factor`` column is that number.
+* :func:`kinetic` -- which genes change a reaction scheme's kinetic parameters (for the
+  bursty scheme the burst size ``b`` and the relative degradation rate ``gamma/k``)
+  between each group and a reference. Default ``method="group"``: population-level
+  parameters from each group's pseudo-bulk at the reference library, adaptive shrinkage
+  across genes, a three-way test at ``delta = 0.5`` and calls under posterior expected
+  FDR control, checked on control-versus-control splits (:mod:`pybivi.de_group`).
+  ``method="pairs"``: biVI's procedure as in the ContrastiveBiVI paper (appendix E):
+  pooled samples, random pairs, the Bayes factor of ``|lfc| >= delta`` against
+  ``|lfc| < delta``, ``delta = 1``, call where ``BF > 3``.
+* :func:`mean` -- the same on normalised mature expression ``rho_M`` (any model). Its
+  ``method="pairs"`` is scvi-tools' ``change`` mode: ``lfc = log2(a + eps) -
+  log2(b + eps)``, ``P(DE) = max(P(lfc >= delta), P(lfc < -delta))``, the Bayes factor
+  the odds ``P / (1 - P)``, ``delta = 0.2``, call where ``BF > 2`` (the paper's rule as
+  stated). scvi-tools reports the natural log of the odds in its ``bayes_factor``
+  column: our ``log_bayes_factor`` column is that number.
 
 The maths lives in pure functions on arrays in :mod:`pybivi.bayes_factors`
-(:func:`kinetic_bayes_factors`, :func:`change_bayes_factors`, re-exported here), tested
-against analytic cases; the model-facing functions only draw samples
-(:mod:`pybivi.posterior`) and assemble tables.
+(:func:`kinetic_bayes_factors`, :func:`change_bayes_factors`, ``three_way_test``,
+``fdr_calls``, ``shrink_lfc``), tested against analytic cases; the functions here draw
+or read the inputs (:mod:`pybivi.de_sources`, :mod:`pybivi.de_streams`) and assemble
+tables.
 """
 
 from __future__ import annotations

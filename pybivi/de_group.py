@@ -57,6 +57,10 @@ def _kinetic_map(scheme: Any, theta: np.ndarray, params: Sequence[str]) -> Calla
     theta_t = torch.as_tensor(np.asarray(theta, dtype=np.float64))
 
     def apply(log_n: np.ndarray, log_m: np.ndarray) -> dict[str, tuple[np.ndarray, ...]]:
+        with torch.enable_grad():  # callers may run under torch.no_grad()
+            return _apply(log_n, log_m)
+
+    def _apply(log_n: np.ndarray, log_m: np.ndarray) -> dict[str, tuple[np.ndarray, ...]]:
         ln = torch.as_tensor(log_n, dtype=torch.float64).requires_grad_(True)
         lm = torch.as_tensor(log_m, dtype=torch.float64).requires_grad_(True)
         kin = scheme.kinetic_params(ln.exp(), lm.exp(), theta_t)
@@ -66,6 +70,10 @@ def _kinetic_map(scheme: Any, theta: np.ndarray, params: Sequence[str]) -> Calla
         out = {}
         for p in params:
             value = torch.log(kin[p].expand_as(ln))
+            if not value.requires_grad:  # a parameter fixed per gene (e.g. beta/k)
+                zero = np.zeros(ln.shape)
+                out[p] = (value.detach().numpy() / _LN2, zero, zero)
+                continue
             # Each gene's parameter depends on that gene only: the gradient of the sum
             # is every gene's own derivative.
             dn, dm = torch.autograd.grad(

@@ -254,7 +254,8 @@ class ContrastiveModule(nn.Module):
         out = {}
         for s in self.species:
             out[f"mean_{s}"] = decoded[f"mu_{s}"]
-            out[f"rho_{s}"] = decoded[f"rho_{s}"]
+            if f"rho_{s}" in decoded:  # a user's decoder may return the means only
+                out[f"rho_{s}"] = decoded[f"rho_{s}"]
         if self.scheme is not None and "mu_nascent" in decoded:
             kinetic = self.scheme.kinetic_params(
                 decoded["mu_nascent"], decoded["mu_mature"], self.theta

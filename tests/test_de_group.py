@@ -228,6 +228,13 @@ def test_group_test_errors():
         de.kinetic(idata, groupby="program", method="nope")
     with pytest.raises(ValueError, match="delta"):
         de.kinetic(idata, groupby="program", delta=-1.0)
+    # beta/k is one value per gene: testing it under no_grad gives no call, not an error.
+    import torch
+
+    with torch.no_grad():
+        fixed = de.kinetic(idata, groupby="program", params=["splicing_rate"], null_repeats=0)
+    assert not fixed["splicing_rate_is_de"].any()
+    np.testing.assert_allclose(fixed["splicing_rate_lfc_estimate"], 0.0, atol=1e-12)
     del idata.posterior.attrs["scheme"]
     with pytest.raises(ValueError, match="scheme"):
         de.kinetic(idata, groupby="program")

@@ -16,7 +16,6 @@ from pybivi.cme.approximator import (
     load_approximator,
 )
 from pybivi.cme.domain import STATE_CAP
-from tests.test_data import make_adata
 
 torch.set_num_threads(1)
 
@@ -34,7 +33,7 @@ GROUPS = {"small_burst": [0, 1], "clamped_b": [2], "clamped_rates": [3, 4, 5],
 HUGE_CELLS = [3, 17, 30]  # cells whose nascent count of gene 8 (an 'inside' gene) is > cap
 
 
-def _planted_model(cls=pybivi.BiVI, backend="neural"):
+def _planted_model(make_adata, cls=pybivi.BiVI, backend="neural"):
     adata = make_adata(n_cells=40, n_genes=12)
     nascent = adata.layers["unspliced"]
     nascent[HUGE_CELLS, 8] = STATE_CAP + 1000
@@ -59,8 +58,8 @@ def _planted_model(cls=pybivi.BiVI, backend="neural"):
 
 
 @pytest.mark.parametrize("cls", [pybivi.BiVI, pybivi.ContrastiveBiVI])
-def test_planted_out_of_domain_pairs_give_the_right_shares(cls):
-    model, adata = _planted_model(cls)
+def test_planted_out_of_domain_pairs_give_the_right_shares(make_adata, cls):
+    model, adata = _planted_model(make_adata, cls)
     table = model.diagnostics()
     n_cells, n_pairs = adata.n_obs, adata.n_obs * adata.n_vars
     expected = {r: len(GROUPS[r]) * n_cells for r in DOMAIN_REGIONS}
@@ -75,7 +74,7 @@ def test_planted_out_of_domain_pairs_give_the_right_shares(cls):
     assert by_gene.loc["g0", "small_burst"] == 1.0 and by_gene.loc["g9", "outside"] == 0.0
 
 
-def test_regions_match_the_approximators_own_tally():
+def test_regions_match_the_approximators_own_tally(make_adata):
     """Disjoint masks whose union is what the approximator counts as outside its domain."""
     gen = torch.Generator().manual_seed(0)
     size = 4000
@@ -93,10 +92,10 @@ def test_regions_match_the_approximators_own_tally():
     assert abs(outside - int((~masks["inside"]).sum())) <= 2  # float32 at the boundaries
 
 
-def test_each_model_warns_once_and_the_approximator_keeps_its_warning():
+def test_each_model_warns_once_and_the_approximator_keeps_its_warning(make_adata):
     shared = load_approximator(DEFAULT_WEIGHTS)  # a fresh copy: nothing warned yet
     for seed in (0, 1):
-        model, _ = _planted_model(backend=shared)
+        model, _ = _planted_model(make_adata, backend=shared)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model.train(max_epochs=1, batch_size=16, progress_bar=False, seed=seed)
@@ -114,7 +113,7 @@ def test_each_model_warns_once_and_the_approximator_keeps_its_warning():
         )
 
 
-def test_models_without_the_approximator_get_an_empty_table():
+def test_models_without_the_approximator_get_an_empty_table(make_adata):
     adata = make_adata(n_cells=16)
     pybivi.SCVI.setup_anndata(adata, perturbation_key=None)
     model = pybivi.SCVI(adata, n_hidden=8)

@@ -7,23 +7,22 @@ import pytest
 import torch
 
 import pybivi
-from tests.test_data import make_adata
 
 torch.set_num_threads(1)
 
 FAST = dict(max_epochs=2, batch_size=16, progress_bar=False)
 
 
-def _model(seed=0):
+def _model(make_adata, seed=0):
     adata = make_adata(n_cells=48)
     pybivi.BiVI.setup_anndata(adata, perturbation_key=None)
     return pybivi.BiVI(adata, n_hidden=16, seed=seed, scheme="constitutive"), adata
 
 
-def test_split_is_kept_and_paired_across_seeds(tmp_path):
+def test_split_is_kept_and_paired_across_seeds(make_adata, tmp_path):
     runs = []
     for seed in (0, 1):
-        model, adata = _model(seed)
+        model, adata = _model(make_adata, seed)
         model.train(seed=seed, validation_fraction=0.25, split_seed=7, **FAST)
         runs.append(model)
         train, val = model.train_indices, model.validation_indices
@@ -33,7 +32,7 @@ def test_split_is_kept_and_paired_across_seeds(tmp_path):
     # without split_seed the split follows the seed
     unpaired = []
     for seed in (0, 1):
-        model, _ = _model(seed)
+        model, _ = _model(make_adata, seed)
         model.train(seed=seed, validation_fraction=0.25, **FAST)
         unpaired.append(set(model.validation_indices.tolist()))
     assert unpaired[0] != unpaired[1]
@@ -43,9 +42,9 @@ def test_split_is_kept_and_paired_across_seeds(tmp_path):
     assert np.array_equal(loaded.train_indices, runs[0].train_indices)
 
 
-def test_more_particles_lower_the_variance_of_the_elbo_estimate():
+def test_more_particles_lower_the_variance_of_the_elbo_estimate(make_adata):
     """Across seeds, K particles divide the estimator's variance by about K."""
-    model, _ = _model()
+    model, _ = _model(make_adata)
     model.train(seed=0, **FAST)
     one = np.array([model.elbo(n_particles=1, seed=s) for s in range(16)])
     many = np.array([model.elbo(n_particles=16, seed=s) for s in range(16)])
@@ -59,8 +58,8 @@ def test_more_particles_lower_the_variance_of_the_elbo_estimate():
     assert torch.equal(state, torch.get_rng_state())
 
 
-def test_validation_particles_and_bad_values():
-    model, _ = _model()
+def test_validation_particles_and_bad_values(make_adata):
+    model, _ = _model(make_adata)
     hist = model.train(seed=0, validation_fraction=0.25, validation_particles=4, **FAST)
     assert np.isfinite(hist["validation_loss"]).all()
     held_out = model.elbo(indices=model.validation_indices, n_particles=8, seed=0)
