@@ -199,7 +199,7 @@ def group_level_calls(
     and, per program, the mean nascent and mature counts of the false calls and of the
     uncalled unchanged genes.
     """
-    from pybivi.de_truth import _truth_arrays
+    from pybivi.de_truth import truth_arrays
     from pybivi.posterior import iter_draws
 
     names = ("burst_size", "degradation_rate")
@@ -225,7 +225,7 @@ def group_level_calls(
             n_out = (np.abs(group[q] - reference[q]) >= 1.0).sum(axis=0)
             out.loc[sel, f"{q}_is_de"] = (n_out + 0.5) / (n_draws - n_out + 0.5) > 3.0
         t = out[sel]
-        found, truth = _truth_arrays(adata, t.index)
+        found, truth = truth_arrays(adata, t.index)
         j = found.index(p)
         unchanged = (truth["burst_size"][:, j] == 0) & (truth["degradation_rate"][:, j] == 0)
         called = t["burst_size_is_de"].to_numpy(bool) | t["degradation_rate_is_de"].to_numpy(bool)

@@ -30,11 +30,11 @@ _DEFAULT_PROGRAM_KINDS = (
 )
 
 
-def _log_uniform(rng: np.random.Generator, low: float, high: float, size: int) -> np.ndarray:
+def log_uniform(rng: np.random.Generator, low: float, high: float, size: int) -> np.ndarray:
     return np.exp(rng.uniform(np.log(low), np.log(high), size=size))
 
 
-def _program_kinds(program_kinds: Sequence[str] | None, n_programs: int) -> list[str]:
+def resolve_program_kinds(program_kinds: Sequence[str] | None, n_programs: int) -> list[str]:
     if program_kinds is None:
         base = list(_DEFAULT_PROGRAM_KINDS)
         return [base[i % len(base)] for i in range(n_programs)]
@@ -47,7 +47,7 @@ def _program_kinds(program_kinds: Sequence[str] | None, n_programs: int) -> list
     return kinds
 
 
-def _gene_effects(
+def gene_effects(
     rng: np.random.Generator,
     n_genes: int,
     kinds: list[str],
@@ -92,7 +92,7 @@ def _gene_effects(
     }
 
 
-def _perturbation_table(
+def perturbation_table(
     rng: np.random.Generator, n_programs: int, per_program: int, n_weak: int, weak_strength: float
 ) -> pd.DataFrame:
     """One row per perturbation: label, program index (-1: none), strength."""
@@ -106,7 +106,7 @@ def _perturbation_table(
     return pd.DataFrame(rows, columns=["perturbation", "program_index", "strength"])
 
 
-def _sample_counts(
+def sample_counts(
     b: np.ndarray,
     beta: np.ndarray,
     gamma: np.ndarray,
@@ -135,7 +135,7 @@ def _sample_counts(
     return nascent, mature
 
 
-def _cell_cycle_effects(
+def cell_cycle_effects(
     rng: np.random.Generator, n_genes: int, fraction: float, log2: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cell-cycle genes and their log2 change per phase (G1, S, G2M columns)."""
@@ -152,7 +152,7 @@ def _cell_cycle_effects(
     return cc_genes, cc_log2
 
 
-def _cell_design(
+def cell_design(
     rng: np.random.Generator,
     n_cells: int,
     n_perturbations: int,
@@ -179,7 +179,7 @@ def _cell_design(
     }
 
 
-def _merge_doublets(n_doublets: int, **columns: np.ndarray) -> dict[str, np.ndarray]:
+def merge_doublets(n_doublets: int, **columns: np.ndarray) -> dict[str, np.ndarray]:
     """Sum the last ``2 n_doublets`` drawn cells in pairs (what a real doublet is).
 
     Counts and capture add up; labels are joined with ``_``; the program is
@@ -204,7 +204,7 @@ def _merge_doublets(n_doublets: int, **columns: np.ndarray) -> dict[str, np.ndar
     return out
 
 
-def _to_anndata(cells: dict[str, np.ndarray], var: pd.DataFrame) -> ad.AnnData:
+def to_anndata(cells: dict[str, np.ndarray], var: pd.DataFrame) -> ad.AnnData:
     """Sparse integer layers, ``X`` = spliced, and the cell annotations."""
     obs = pd.DataFrame(
         {
@@ -225,7 +225,7 @@ def _to_anndata(cells: dict[str, np.ndarray], var: pd.DataFrame) -> ad.AnnData:
     )
 
 
-def _cell_kinetics(
+def cell_kinetics(
     design: dict[str, Any],
     table: pd.DataFrame,
     effects: dict[str, np.ndarray],
@@ -261,7 +261,7 @@ def _cell_kinetics(
     return prog_of_cell, b, beta[None, :] / freq, base_gamma * 2.0**log2_gamma / freq
 
 
-def _gene_truth(base_b, beta, base_gamma, cc_genes, cc_log2, effects) -> pd.DataFrame:
+def gene_truth(base_b, beta, base_gamma, cc_genes, cc_log2, effects) -> pd.DataFrame:
     """``var``: each gene's base kinetics, cell-cycle effects and program."""
     n_genes = base_b.size
     return pd.DataFrame(
@@ -278,7 +278,7 @@ def _gene_truth(base_b, beta, base_gamma, cc_genes, cc_log2, effects) -> pd.Data
     )
 
 
-def _settings(
+def settings(
     seed, kinds, table, n_annotated, control_label, cell_cycle_mode, frequency_log2,
     capture_median, capture_sigma,
 ) -> dict[str, Any]:

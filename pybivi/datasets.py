@@ -41,18 +41,18 @@ from pybivi._simulation import (
     EFFECT_KINDS,
     PHASES,
     PROGRAM_KINDS,
-    _cell_cycle_effects,
-    _cell_design,
-    _cell_kinetics,
-    _gene_effects,
-    _gene_truth,
-    _log_uniform,
-    _merge_doublets,
-    _perturbation_table,
-    _program_kinds,
-    _sample_counts,
-    _settings,
-    _to_anndata,
+    cell_cycle_effects,
+    cell_design,
+    cell_kinetics,
+    gene_effects,
+    gene_truth,
+    log_uniform,
+    merge_doublets,
+    perturbation_table,
+    resolve_program_kinds,
+    sample_counts,
+    settings,
+    to_anndata,
 )
 
 __all__ = ["simulate_perturbseq", "read", "EFFECT_KINDS", "PROGRAM_KINDS"]
@@ -164,29 +164,29 @@ def simulate_perturbseq(
     probs = np.asarray(phase_probabilities, dtype=float)
     if probs.shape != (3,) or np.any(probs < 0) or not np.isclose(probs.sum(), 1.0):
         raise ValueError("phase_probabilities must be three non-negative numbers summing to 1")
-    kinds = _program_kinds(program_kinds, n_programs)
+    kinds = resolve_program_kinds(program_kinds, n_programs)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(int(seed))
 
     # Per gene base kinetics (rates in units of the burst frequency k).
-    base_b = _log_uniform(rng, *burst_size_range, n_genes)
-    beta = _log_uniform(rng, *splicing_range, n_genes)
-    base_gamma = _log_uniform(rng, *degradation_range, n_genes)
-    cc_genes, cc_log2 = _cell_cycle_effects(rng, n_genes, cell_cycle_fraction, cell_cycle_log2)
+    base_b = log_uniform(rng, *burst_size_range, n_genes)
+    beta = log_uniform(rng, *splicing_range, n_genes)
+    base_gamma = log_uniform(rng, *degradation_range, n_genes)
+    cc_genes, cc_log2 = cell_cycle_effects(rng, n_genes, cell_cycle_fraction, cell_cycle_log2)
     gpp = genes_per_program if genes_per_program is not None else max(1, n_genes // 20)
-    effects = _gene_effects(rng, n_genes, kinds, gpp, cc_genes, effect_range, frequency_log2)
-    table = _perturbation_table(
+    effects = gene_effects(rng, n_genes, kinds, gpp, cc_genes, effect_range, frequency_log2)
+    table = perturbation_table(
         rng, n_programs, perturbations_per_program, n_weak_perturbations, weak_strength
     )
-    design = _cell_design(
+    design = cell_design(
         rng, n_cells, len(table), control_fraction, doublet_fraction, probs,
         capture_median, capture_sigma,
     )
     pert_idx, phase_idx = design["perturbation"], design["phase"]
-    prog_of_cell, cell_b, cell_beta, cell_gamma = _cell_kinetics(
+    prog_of_cell, cell_b, cell_beta, cell_gamma = cell_kinetics(
         design, table, effects, cc_log2, cell_cycle_mode, base_b, beta, base_gamma
     )
-    nascent, mature = _sample_counts(cell_b, cell_beta, cell_gamma, generator, chunk_cells,
+    nascent, mature = sample_counts(cell_b, cell_beta, cell_gamma, generator, chunk_cells,
                                      progress_bar)
 
     names = table["perturbation"].to_numpy()
@@ -197,16 +197,16 @@ def simulate_perturbseq(
     # Weak perturbations carry no program annotation (like Norman et al.'s unlabelled ones).
     n_annotated = n_programs * perturbations_per_program  # the weak ones come after these
     programs[pert_idx >= n_annotated] = "unassigned"
-    cells = _merge_doublets(
+    cells = merge_doublets(
         design["n_doublets"],
         nascent=nascent, mature=mature, capture=design["capture"], perturbation=labels,
         program=programs, phase=np.array(PHASES)[phase_idx],
     )
-    adata = _to_anndata(cells, _gene_truth(base_b, beta, base_gamma, cc_genes, cc_log2, effects))
+    adata = to_anndata(cells, gene_truth(base_b, beta, base_gamma, cc_genes, cc_log2, effects))
     for key in ("log2_b", "log2_gamma", "log2_frequency"):
         adata.varm[f"{key}_change"] = effects[key]
     adata.varm["effect_kind"] = effects["kind"]
-    adata.uns["simulation"] = _settings(
+    adata.uns["simulation"] = settings(
         seed, kinds, table, n_annotated, control_label,
         cell_cycle_mode, frequency_log2, capture_median, capture_sigma,
     )

@@ -17,7 +17,7 @@ import pandas as pd
 
 from pybivi.de import kinetic, mean
 from pybivi.de_sources import group_masks, model_labels
-from pybivi.de_truth import _truth_arrays, compensatory_summary, truth_scores
+from pybivi.de_truth import compensatory_summary, truth_arrays, truth_scores
 
 __all__ = [
     "call_counts",
@@ -135,7 +135,7 @@ def _pick_gene(kinetic_table, mean_table, adata) -> tuple[str, str]:
         t = t[np.sign(t["burst_size_lfc_mean"]) == np.sign(t["degradation_rate_lfc_mean"])]
     if adata is not None and len(t):
         try:
-            programs, truth = _truth_arrays(adata, t.index)
+            programs, truth = truth_arrays(adata, t.index)
             col = [programs.index(g) if g in programs else -1 for g in t["group"]]
             kind = np.array([truth["kind"][i, c] if c >= 0 else "" for i, c in enumerate(col)])
             if np.any(kind == "compensatory"):

@@ -17,7 +17,7 @@ import pandas as pd
 __all__ = ["truth_scores", "program_strengths", "compensatory_summary"]
 
 
-def _truth_arrays(adata: Any, genes: Sequence[str]) -> tuple[list[str], dict[str, np.ndarray]]:
+def truth_arrays(adata: Any, genes: Sequence[str]) -> tuple[list[str], dict[str, np.ndarray]]:
     """Simulator truth aligned to ``genes``: programs and per gene x program arrays."""
     sim = adata.uns.get("simulation") if hasattr(adata, "uns") else None
     if sim is None or "log2_b_change" not in adata.varm:
@@ -105,7 +105,7 @@ def truth_scores(
     scale = program_strengths(adata) if strength == "mean" else {}
     rows = []
     for program, table in kinetic_table.groupby("group", sort=False):
-        programs, truth = _truth_arrays(adata, table.index)
+        programs, truth = truth_arrays(adata, table.index)
         if program not in programs:
             continue
         p, s = programs.index(program), scale.get(program, 1.0)
@@ -144,7 +144,7 @@ def compensatory_summary(
     """Per program: how many true compensatory genes the kinetic test calls and the mean misses."""
     rows = []
     for program, table in kinetic_table.groupby("group", sort=False):
-        programs, truth = _truth_arrays(adata, table.index)
+        programs, truth = truth_arrays(adata, table.index)
         if program not in programs:
             continue
         comp = truth["kind"][:, programs.index(program)] == "compensatory"

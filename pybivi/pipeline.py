@@ -116,7 +116,7 @@ def run_pipeline(
 
     With ``differential``, the seed-0 models also give the paper's figure 3 (Bayes-factor
     tests of ``b`` and ``gamma/k`` against mean expression, :func:`pybivi.de.figure3`);
-    with ``predictive_check``, a posterior-predictive section (:func:`pybivi.ppc.section`).
+    with ``predictive_check``, a posterior-predictive section (:func:`pybivi.ppc_report.section`).
 
     Writes ``out/index.html`` with figures beside it, ``out/metrics.json``,
     ``out/models/<Model>_seed<k>/`` and ``out/adata.h5ad`` (representations in
@@ -258,7 +258,9 @@ def _predictive(model: Any, n_cells: int, max_cells: int = 500) -> dict[str, Any
     # Replicates cost exact CME draws per cell and gene: check a random subset of cells.
     rng = np.random.default_rng(0)
     idx = np.sort(rng.choice(n_cells, size=min(n_cells, max_cells), replace=False))
-    return ppc.section(ppc.ppc(model, n_replicates=10, indices=idx))
+    from pybivi import ppc_report
+
+    return ppc_report.section(ppc.ppc(model, n_replicates=10, indices=idx))
 
 
 def _optional_section(report: Any, title: str, key: str, build: Any) -> dict[str, Any]:

@@ -317,7 +317,7 @@ def select_cells(
     return np.sort(np.concatenate(keep))
 
 
-def _predictive_counts(model: Any, batch: dict, z, t, genes_idx) -> np.ndarray:
+def predictive_counts(model: Any, batch: dict, z, t, genes_idx) -> np.ndarray:
     """Replicated counts given the drawn latents, from the model's own likelihood site."""
     from pyro.infer import Predictive
 
@@ -424,7 +424,7 @@ def posterior(
             cells = slice(pos, pos + len(batch["index"]))
             buffers.add(cells, batch, draws)
             if posterior_predictive:
-                counts = _predictive_counts(model, batch, draws["z"], draws["t"], gene_idx)
+                counts = predictive_counts(model, batch, draws["z"], draws["t"], gene_idx)
                 buffers.add_replicated(cells, counts)
             pos = cells.stop
     return buffers.to_inference_data(model, adata, rows, groupby)

@@ -39,9 +39,6 @@ __all__ = [
     "PPCResult",
     "summarise",
     "ppc",
-    "plot_ppc",
-    "plot_calibration",
-    "section",
 ]
 
 STATISTICS = ("mean", "variance", "zero_fraction", "correlation")
@@ -354,7 +351,7 @@ def ppc(
         Tables per gene and statistic, the replicated statistics and the calibration
         summary (see :class:`PPCResult`).
     """
-    from pybivi.posterior import _predictive_counts, iter_draws
+    from pybivi.posterior import iter_draws, predictive_counts
 
     if n_replicates < 1:
         raise ValueError(f"n_replicates must be >= 1, got {n_replicates}")
@@ -378,7 +375,7 @@ def ppc(
             seed=seed,
         )
         for batch, latent in draws:
-            x = _predictive_counts(model, batch, latent["z"], latent["t"], all_genes)
+            x = predictive_counts(model, batch, latent["z"], latent["t"], all_genes)
             nascent = batch.get("x_nascent")
             observed.add(
                 None if nascent is None or "nascent" not in species else nascent.cpu().numpy(),
@@ -392,45 +389,18 @@ def ppc(
     return summarise(observed.finalize(), replicated.finalize(), genes)
 
 
-from pybivi.ppc_plots import plot_calibration, plot_ppc  # noqa: E402 (re-exported)
+# Figures live in pybivi.ppc_plots and the report section in pybivi.ppc_report (both build
+# on this module); they stay reachable as pybivi.ppc.<name>, loaded on first use.
+_ELSEWHERE = {
+    "plot_ppc": "pybivi.ppc_plots",
+    "plot_calibration": "pybivi.ppc_plots",
+    "section": "pybivi.ppc_report",
+}
 
 
-def section(model_or_result: Any, n_replicates: int = 20, seed: int = 0) -> dict[str, Any]:
-    """The report's posterior-predictive section: summary table, two figures, a short text.
+def __getattr__(name: str) -> Any:
+    if name in _ELSEWHERE:
+        import importlib
 
-    Parameters
-    ----------
-    model_or_result
-        A fitted model (checked here with :func:`ppc`) or a :class:`PPCResult`.
-    n_replicates, seed
-        Passed to :func:`ppc` when a model is given.
-
-    Returns
-    -------
-    dict
-        ``"result"`` (:class:`PPCResult`), ``"summary"`` (DataFrame), ``"figures"``
-        (``{"statistics": plot_ppc, "calibration": plot_calibration}``), ``"text"``.
-    """
-    if isinstance(model_or_result, PPCResult):
-        result = model_or_result
-    else:
-        result = ppc(model_or_result, n_replicates=n_replicates, seed=seed)
-    s = result.summary
-    parts = [
-        f"{name.replace('_', ' ')}: {100 * row['fraction_central_95']:.0f}% of genes inside the "
-        f"replicates' central 95%, replicate/observed median ratio {row['median_ratio']:.2f} "
-        f"(corr. across genes {row['gene_correlation']:.2f})"
-        for name, row in s.iterrows()
-    ]
-    n_rep = next(iter(result.replicates.values())).shape[0]
-    text = (
-        f"Posterior-predictive check (observed statistic among {n_rep} replicated datasets; "
-        f"a calibrated model puts {100 * expected_coverage(n_rep):.1f}% of genes inside the "
-        f"central 95% with {n_rep} replicates): " + "; ".join(parts) + "."
-    )
-    return {
-        "result": result,
-        "summary": s,
-        "figures": {"statistics": plot_ppc(result), "calibration": plot_calibration(result)},
-        "text": text,
-    }
+        return getattr(importlib.import_module(_ELSEWHERE[name]), name)
+    raise AttributeError(f"module 'pybivi.ppc' has no attribute {name!r}")

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from pybivi.cme.domain import BOX, STATE_CAP
 from pybivi.cme.mixture import (
-    _PairwiseLogProb,
+    PairwiseLogProb,
     heads_mixture_forward,
     nb_mixture_log_prob,
     poisson_limit,
@@ -269,7 +269,7 @@ class BurstyConditional(nn.Module):
         impl = self._for_device(b.device)
         tally: list[tuple[int, int]] = []  # (outside, small-burst) per chunk of pairs
         shape = n.shape
-        out = _PairwiseLogProb.apply(
+        out = PairwiseLogProb.apply(
             impl, tally, *(t.reshape(-1) for t in (n, m, b, beta, gamma))
         ).reshape(shape)
         n_out = sum(count for count, _ in tally)
@@ -346,7 +346,7 @@ class BurstyConditional(nn.Module):
         """``log Phat(m | n)`` for one block of pairs (1-D tensors in ``compute_dtype``).
 
         The plain autograd-traceable computation (values only, without gradient recording,
-        by the fused forward of a ReLU network); :class:`_PairwiseLogProb` runs it on
+        by the fused forward of a ReLU network); :class:`PairwiseLogProb` runs it on
         cache-sized blocks when no gradient is needed or the network is not ReLU.
         """
         feats, c, sigma = self._network_inputs(n, b, beta, gamma)

@@ -8,7 +8,7 @@ Poisson-lognormal moment match of the mature count given ``n``, see
 ``log sum_j w_j NB(m; mu_j, r)`` with one shape ``r`` per pair, written so that only two
 lgamma evaluations per pair are needed whatever the number of kernels.
 :func:`heads_mixture_forward` and :func:`heads_mixture_backward` compute the network heads
-and the same mixture with a closed-form backward pass, and ``_PairwiseLogProb`` turns them
+and the same mixture with a closed-form backward pass, and ``PairwiseLogProb`` turns them
 into per-pair derivatives over blocks of pairs: that is what
 :class:`pybivi.cme.approximator.BurstyConditional` runs; the tests compare it with the plain
 computation.
@@ -24,7 +24,7 @@ from torch import Tensor
 from pybivi.cme._parallel import map_chunks
 
 # Bounds of the shared NB shape r (log scale): the network's output is clamped to them.
-_LOG_R_MIN, _LOG_R_MAX = math.log(1e-2), math.log(1e6)
+LOG_R_MIN, LOG_R_MAX = math.log(1e-2), math.log(1e6)
 
 
 def nodes(k: int) -> Tensor:
@@ -183,7 +183,7 @@ def heads_mixture_forward(x, c, sigma, m, net, wb) -> tuple[Tensor, tuple]:
         log_means.clamp_(max=30.0)
     sd = spread * net.dz + 1e-3
     raw_log_r = torch.log(sd).mul_(-2.0).add_(o[k + 2])
-    log_r = raw_log_r.clamp(_LOG_R_MIN, _LOG_R_MAX)
+    log_r = raw_log_r.clamp(LOG_R_MIN, LOG_R_MAX)
     shared, rising_dlogr = _count_terms(m, log_r)
     r = torch.exp(log_r)
     # exact exp here: t multiplies m + r, which reaches 1e6, so e needs every bit
@@ -258,7 +258,7 @@ def poisson_limit(m: Tensor, b: Tensor, gamma: Tensor) -> Tensor:
 _BLOCK = 16384
 
 
-class _PairwiseLogProb(torch.autograd.Function):
+class PairwiseLogProb(torch.autograd.Function):
     """``log Phat(m | n)`` over 1-D pairs with a diagonal Jacobian computed up front.
 
     Each output depends only on its own pair's ``(b, beta, gamma)``, so the gradient of

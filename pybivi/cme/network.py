@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from pybivi.cme.mixture import _LOG_R_MAX, _LOG_R_MIN, nodes
+from pybivi.cme.mixture import LOG_R_MAX, LOG_R_MIN, nodes
 from pybivi.cme.moments import SLOPES
 
 
@@ -106,4 +106,4 @@ class ConditionalNet(nn.Module):
         # Means above e^30 never occur in the domain; the cap keeps exp() finite anywhere.
         log_means = (centre + spread * z).clamp(max=30.0)
         log_r = -2.0 * torch.log(spread * self.dz + 1e-3) + out[k + 2]
-        return log_means, logw, log_r.clamp(_LOG_R_MIN, _LOG_R_MAX)
+        return log_means, logw, log_r.clamp(LOG_R_MIN, LOG_R_MAX)

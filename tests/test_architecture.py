@@ -1,0 +1,105 @@
+"""Imports inside the package point one way: no cycles, no private names across modules.
+
+Every ``import``/``from ... import`` of a ``pybivi`` module counts, at module level or inside
+a function, except inside a module-level ``__getattr__``: that is how a name that moved
+stays reachable from its old module (a lazy re-export), not a dependency of the module.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "pybivi"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]):
+    """``(imported module, imported name or None)`` for every pybivi import of a module."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    skip = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == "__getattr__":
+            skip.update(id(n) for n in ast.walk(node))
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "pybivi":
+                continue
+            for alias in node.names:
+                full = f"{target}.{alias.name}"
+                yield (full, None) if full in modules else (target, alias.name)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "pybivi":
+                    yield alias.name, None
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {
+        name: {m for m, _ in _imports(name, path, modules) if m in modules and m != name}
+        for name, path in modules.items()
+    }
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = _graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_private_name_is_imported_from_another_module():
+    modules = _modules()
+    private = [
+        f"{name} imports {target}.{item}"
+        for name, path in modules.items()
+        for target, item in _imports(name, path, modules)
+        if item is not None and item.startswith("_") and not item.startswith("__")
+    ]
+    assert not private, private
+
+
+def test_the_checks_see_a_cycle_and_a_private_import(tmp_path, monkeypatch):
+    """The scanner itself: a planted cycle and a private import are found."""
+    pkg = tmp_path / "pybivi"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from pybivi.b import _hidden\n")
+    (pkg / "b.py").write_text("def f():\n    from pybivi import a\n\n_hidden = 1\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", pkg)
+    graph = _graph()
+    assert "pybivi.b" in graph["pybivi.a"] and "pybivi.a" in graph["pybivi.b"]
+    found = [i for n, p in _modules().items() for _, i in _imports(n, p, _modules()) if i]
+    assert found == ["_hidden"]
