@@ -19,6 +19,7 @@ __all__ = [
     "three_way_test",
     "fdr_calls",
     "shrink_lfc",
+    "normal_mixture_tails",
 ]
 
 # Pseudo-count added to both pair counts of the kinetic Bayes factor, so that a gene
@@ -448,5 +449,34 @@ def shrink_lfc(
         "weights": prior,
         "posterior_mean": (post * mean_k).sum(axis=1),
         "posterior_weights": post,
+        "component_means": mean_k,
+        "component_sds": sd_k,
     }
     return draws, fit
+
+
+def normal_mixture_tails(
+    weights: np.ndarray, means: np.ndarray, sds: np.ndarray, delta: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ``P(x >= delta)`` and ``P(x <= -delta)`` of per-gene normal mixtures.
+
+    Parameters
+    ----------
+    weights, means, sds
+        ``(n_genes, n_components)`` mixture weights (rows summing to 1), means and standard
+        deviations (0: a point mass at the mean).
+    delta
+        The threshold, ``>= 0``.
+
+    Returns
+    -------
+    tuple
+        ``(proba_up, proba_down)``, each ``(n_genes,)``.
+    """
+    from scipy.special import ndtr
+
+    w, m, s = (np.asarray(a, dtype=np.float64) for a in (weights, means, sds))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        up = np.where(s > 0, ndtr((m - delta) / s), (m >= delta).astype(float))
+        down = np.where(s > 0, ndtr((-delta - m) / s), (m <= -delta).astype(float))
+    return (w * up).sum(axis=1), (w * down).sum(axis=1)

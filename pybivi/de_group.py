@@ -35,7 +35,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pybivi.bayes_factors import combined_call, fdr_calls, shrink_lfc, three_way_test
+from pybivi.bayes_factors import (
+    combined_call,
+    fdr_calls,
+    normal_mixture_tails,
+    shrink_lfc,
+    three_way_test,
+)
 from pybivi.de_sources import Sampler, default_kinetic_params, group_masks, is_idata
 from pybivi.de_streams import group_log2_draws, null_splits, pseudobulk_moments
 
@@ -138,10 +144,25 @@ def _three_way(
     if normalize == "median_ratio":
         lfc = lfc - np.median(lfc[se < _UNKNOWN_SE]) if np.any(se < _UNKNOWN_SE) else lfc
     if shrink:
-        draws, _ = shrink_lfc(lfc, se, n_draws=n_posterior, seed=rng)
+        draws, fit = shrink_lfc(lfc, se, n_draws=n_posterior, seed=rng)
+        weights, means, sds = fit["posterior_weights"], fit["component_means"], fit["component_sds"]
     else:
         draws = lfc + se * rng.standard_normal((n_posterior, lfc.size))
+        weights, means, sds = np.ones((lfc.size, 1)), lfc[:, None], se[:, None]
     res = three_way_test(draws, delta, credible_mass)
+    # The probabilities exactly, from the posterior's normal mixture; the draws give the
+    # lfc summaries and the credible interval.
+    up, down = normal_mixture_tails(weights, means, sds, delta)
+    p_de = np.minimum(up + down, 1.0)
+    half = 0.5 / n_posterior  # the draws' half-count, so the Bayes factor stays finite
+    res.update(
+        proba_up=up,
+        proba_down=down,
+        proba_de=p_de,
+        proba_null=1.0 - p_de,
+        bayes_factor=(p_de + half) / (1.0 - p_de + half),
+    )
+    res["log_bayes_factor"] = np.log(res["bayes_factor"])
     res["lfc_estimate"], res["lfc_se"] = lfc, se
     if fdr_target is None:
         calls = res["bayes_factor"] > bf_threshold

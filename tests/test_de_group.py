@@ -320,3 +320,18 @@ def test_paper_mode_is_biVIs_pooled_pairs_procedure(fitted):
         res = kinetic_bayes_factors(grp[p], ref[p], 1.0, 10_000, seed=5 + 7919 + j)
         np.testing.assert_array_equal(table[f"{p}_bayes_factor"], res["bayes_factor"])
         np.testing.assert_array_equal(table[f"{p}_is_de"], res["bayes_factor"] > 3.0)
+
+
+def test_normal_mixture_tails_match_monte_carlo():
+    from pybivi.bayes_factors import normal_mixture_tails
+
+    rng = np.random.default_rng(12)
+    weights = np.array([[0.5, 0.3, 0.2], [0.0, 0.0, 1.0]])
+    means = np.array([[0.0, 0.8, -1.5], [0.0, 0.0, 0.4]])
+    sds = np.array([[0.0, 0.3, 0.6], [0.0, 0.0, 0.2]])
+    up, down = normal_mixture_tails(weights, means, sds, 0.5)
+    for g in range(2):
+        comp = rng.choice(3, size=400_000, p=weights[g])
+        x = means[g, comp] + sds[g, comp] * rng.standard_normal(comp.size)
+        assert up[g] == pytest.approx(np.mean(x >= 0.5), abs=0.003)
+        assert down[g] == pytest.approx(np.mean(x <= -0.5), abs=0.003)
