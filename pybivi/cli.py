@@ -133,7 +133,7 @@ def _add_fit_options(p: argparse.ArgumentParser, epochs: int) -> None:
     p.add_argument("--embedding", choices=("umap", "pca"), default="umap",
                    help="2-D embedding of the figures (umap as the paper; pca is instant)")
     p.add_argument("--no-de", action="store_true",
-                   help="skip figure 3 (Bayes-factor tests of b, gamma/k and mean expression)")
+                   help="skip figure 3 (differential tests of b, gamma/k and mean expression)")
     p.add_argument("--ppc", action="store_true",
                    help="add a posterior-predictive check of ContrastiveBiVI (500 cells)")
     # One thread by default: on a shared 2-core machine two torch threads spin-wait on

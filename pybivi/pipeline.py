@@ -114,7 +114,7 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Fit every model for every seed, evaluate, and write the report folder.
 
-    With ``differential``, the seed-0 models also give the paper's figure 3 (Bayes-factor
+    With ``differential``, the seed-0 models also give the paper's figure 3 (differential
     tests of ``b`` and ``gamma/k`` against mean expression, :func:`pybivi.de.figure3`);
     with ``predictive_check``, a posterior-predictive section (:func:`pybivi.ppc_report.section`).
 
@@ -160,7 +160,7 @@ def run_pipeline(
         )
     groupby = program_key if program_key is not None else perturbation_key
     if differential and "ContrastiveBiVI" in first:
-        log_step("figure 3: Bayes-factor tests of kinetic parameters and mean expression", quiet)
+        log_step("figure 3: kinetic and mean-expression tests", quiet)
         summary["figure3"] = _optional_section(
             report, "Figure 3: kinetic vs mean-expression differential tests", "figure3",
             lambda: _figure3(first, groupby, adata),
