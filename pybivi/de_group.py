@@ -35,15 +35,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pybivi.bayes_factors import (
-    combined_call,
+from pybivi.bayes_factors import combined_call
+from pybivi.de_sources import Sampler, default_kinetic_params, group_masks, is_idata
+from pybivi.de_streams import group_log2_draws, null_splits, pseudobulk_moments
+from pybivi.shrinkage import (
+    HALF_COUNT,
     fdr_calls,
     normal_mixture_tails,
     shrink_lfc,
     three_way_test,
 )
-from pybivi.de_sources import Sampler, default_kinetic_params, group_masks, is_idata
-from pybivi.de_streams import group_log2_draws, null_splits, pseudobulk_moments
 
 __all__ = ["ESTIMATES", "GROUP_DELTA", "group_test"]
 
@@ -154,7 +155,7 @@ def _three_way(
     # lfc summaries and the credible interval.
     up, down = normal_mixture_tails(weights, means, sds, delta)
     p_de = np.minimum(up + down, 1.0)
-    half = 0.5 / n_posterior  # the draws' half-count, so the Bayes factor stays finite
+    half = HALF_COUNT / n_posterior  # as with draws: the Bayes factor stays finite
     res.update(
         proba_up=up,
         proba_down=down,

@@ -49,13 +49,19 @@ def null_splits(
 
 
 # ------------------------------------------------------------------------ streamed passes
-def _membership(sets: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _membership(
+    sets: Mapping[str, np.ndarray],
+) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """Rows of all sets (sorted, unique), each set's mask over them, and a row -> position
+    lookup (-1 for rows in no set)."""
     sets = {k: np.unique(np.asarray(v, dtype=np.int64)) for k, v in sets.items()}
     empty = [k for k, v in sets.items() if v.size == 0]
     if empty:
         raise ValueError(f"cell sets without cells: {empty[:5]}")
     rows = np.unique(np.concatenate(list(sets.values())))
-    return rows, {k: np.isin(rows, v) for k, v in sets.items()}
+    position = np.full(rows.max() + 1, -1, dtype=np.int64)
+    position[rows] = np.arange(rows.size)
+    return rows, {k: np.isin(rows, v) for k, v in sets.items()}, position
 
 
 def _count_chunks(
@@ -117,9 +123,7 @@ def pseudobulk_moments(
         scaled to the reference library) and ``var_log_s`` (sampling variance of the
         natural log of that mean, delta method), plus ``cov_log`` between the species.
     """
-    rows, members = _membership(sets)
-    position = np.full(rows.max() + 1, -1, dtype=np.int64)
-    position[rows] = np.arange(rows.size)
+    rows, members, position = _membership(sets)
     sums: dict[str, dict[str, Any]] = {k: {} for k in members}
     for chunk_rows, values in _count_chunks(source, rows, batch_size):
         pos = position[chunk_rows]
@@ -233,9 +237,7 @@ def group_log2_draws(
         raise ValueError(f"aggregate must be one of {AGGREGATIONS}, not {aggregate!r}")
     if n_draws < 2:
         raise ValueError(f"n_draws must be >= 2 to describe a posterior, got {n_draws}")
-    rows, members = _membership(sets)
-    position = np.full(rows.max() + 1, -1, dtype=np.int64)
-    position[rows] = np.arange(rows.size)
+    rows, members, position = _membership(sets)
     if is_idata(source):
         chunks = _idata_draw_chunks(source, rows, quantities, batch_size)
     else:

@@ -199,7 +199,7 @@ print(f"negative ELBO per cell (model.elbo): {custom_model.elbo():.1f}")
 # %% [markdown]
 # Saving stores the module's class by its import path (here `__main__:LabelScaleModule`) and
 # loading imports it again, so the learned spreads come back with the weights. To load in
-# another Python session, define the class in a module that session can import (or pass
+# another Python process, define the class in a module that process can import (or pass
 # `module_cls=` to `load`).
 
 # %%
