@@ -1,8 +1,8 @@
-"""pybivi.de.mean against scvi-tools' own ``change``-mode computation, on the same draws.
+"""pybivi.tl.de.mean against scvi-tools' own ``change``-mode computation, on the same draws.
 
 A pybivi SCVI (ZINB, mature counts) is fitted on a simulated screen; for each program
 versus the controls, posterior draws of normalised mature expression are taken once
-(exactly the draws :func:`pybivi.de.mean` uses: reference seed ``seed``, group ``k``
+(exactly the draws :func:`pybivi.tl.de.mean` uses: reference seed ``seed``, group ``k``
 seed ``seed + k + 1``) and handed both to pybivi's Bayes-factor code and to
 scvi-tools' ``DifferentialComputation.get_bayes_factors(mode="change")`` (the code
 behind ``model.differential_expression(mode="change")``), through a ``model_fn`` that
@@ -15,14 +15,14 @@ Needs scvi-tools importable (it is not a pybivi dependency), e.g.::
     PYTHONPATH=/path/to/scvi-tools-site .venv/bin/python benchmarks/de_vs_scvi.py
 
 ``--truth`` instead fits ContrastiveBiVI (bursty), SCVI and ContrastiveVI on the default
-demo simulation and prints the figure-3 section of :func:`pybivi.de.figure3`: precision
+demo simulation and prints the figure-3 section of :func:`pybivi.report.figure3`: precision
 and recall of the kinetic calls against the simulator's truth per program, and how many
 compensatory genes the kinetic test calls while the mean tests miss them (no scvi-tools
 needed)::
 
     .venv/bin/python benchmarks/de_vs_scvi.py --truth --epochs 100
 
-``--oracle`` runs :func:`pybivi.de.kinetic` on "posterior" draws made from the simulator's
+``--oracle`` runs :func:`pybivi.tl.de.kinetic` on "posterior" draws made from the simulator's
 own per-cell truth (log2 b and gamma/k of every cell, capture removed, plus Gaussian noise
 of sd ``--noise`` in log2 as a stand-in for posterior spread): the precision and recall that
 biVI's test itself allows on this simulation, whatever the model::
@@ -71,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import scvi
 
-    from pybivi import datasets, de
+    from pybivi import datasets
     from pybivi.models import SCVI
     from pybivi.posterior import pooled_samples
+    from pybivi.tl import de
 
     torch.set_num_threads(2)
     adata = datasets.simulate_perturbseq(n_cells=args.cells, n_genes=args.genes, seed=args.seed)
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ref_idx = np.flatnonzero(labels == "control")
 
     def draws(idx: np.ndarray, seed: int) -> np.ndarray:
-        # Same batch size and seeds as pybivi.de.mean, hence the very same draws.
+        # Same batch size and seeds as pybivi.tl.de.mean, hence the very same draws.
         out = pooled_samples(model, idx, args.samples, ["rho_mature"], batch_size=256, seed=seed)
         return out["rho_mature"]
 
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{int(call_ours.sum()):>8}/{int(call_scvi.sum())}/{agree}of{len(call_ours)}"
         )
     print(
-        f"time: pybivi.de.mean {t_ours:.2f} s (draws included), scvi-tools get_bayes_factors "
+        f"time: pybivi.tl.de.mean {t_ours:.2f} s (draws included), scvi-tools get_bayes_factors "
         f"{t_scvi:.2f} s (draws cached) over {len(programs)} programs"
     )
     print(f"largest |P(DE) difference| over programs: {worst:.2e}")
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def ground_truth(args: argparse.Namespace) -> int:
     """Fit the three models on the simulation and print figure 3 against the truth."""
-    from pybivi import datasets, de
+    from pybivi import datasets, report
     from pybivi.models import SCVI, ContrastiveBiVI, ContrastiveVI
 
     torch.set_num_threads(2)
@@ -186,7 +187,7 @@ def ground_truth(args: argparse.Namespace) -> int:
             f"final training loss {loss:.1f} per cell"
         )
     t0 = time.perf_counter()
-    out = de.figure3(
+    out = report.figure3(
         models["ContrastiveBiVI"],
         models["SCVI"],
         models["ContrastiveVI"],
@@ -236,7 +237,8 @@ def oracle(args: argparse.Namespace) -> int:
     import arviz as az
     import xarray as xr
 
-    from pybivi import datasets, de
+    from pybivi import datasets
+    from pybivi.tl import de
 
     adata = datasets.simulate_perturbseq(n_cells=args.cells, n_genes=args.genes, seed=args.seed)
     adata = adata[~adata.obs["doublet"].to_numpy()].copy()
@@ -257,7 +259,7 @@ def oracle(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         table = de.kinetic(idata, groupby="program", group=programs, seed=args.seed)
         elapsed = time.perf_counter() - t0
-        scores = de.truth_scores(table, adata)
+        scores = datasets.truth_scores(table, adata)
         pivot = scores.pivot(index="program", columns="target", values=["precision", "recall"])
         print(
             f"\nnoise sd {noise} (log2): kinetic test on {len(programs)} programs in "

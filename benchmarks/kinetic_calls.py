@@ -4,11 +4,11 @@ Fits ContrastiveBiVI once per simulation seed on the default demo simulation
 (``pybivi demo``'s data: 3,000 cells x 800 genes, prepared as ``benchmarks/bench_demo.py``
 does: doublets and unassigned cells dropped), caches the fitted model under
 ``.cache/kinetic_calls/`` (git-ignored) so that reruns only redo the tests, runs
-:func:`pybivi.de.kinetic` (and :func:`pybivi.de.mean`, for the compensatory genes) on
+:func:`pybivi.tl.de.kinetic` (and :func:`pybivi.tl.de.mean`, for the compensatory genes) on
 every program against the controls and prints, per program and parameter:
 
 * ``precision``: a false call is a call of ``b`` or ``gamma/k`` on a gene whose true
-  change of that parameter is 0 (:func:`pybivi.de.truth_scores`);
+  change of that parameter is 0 (:func:`pybivi.datasets.truth_scores`);
 * ``recall``: of the genes whose true ``|log2|`` change of that parameter, at the
   program's mean perturbation strength, is at least 1;
 * ``null_call_rate``: the share of genes called on control-versus-control splits of
@@ -133,7 +133,7 @@ def _means_lr(module, factor: float):
 
 def true_changes(adata, programs: list[str]) -> dict[str, np.ndarray]:
     """Per gene x program log2 changes at strength 1 and at the program's mean strength."""
-    from pybivi.de import program_strengths
+    from pybivi.datasets import program_strengths
 
     strengths = program_strengths(adata)
     strength = np.array([strengths[p] for p in programs])
@@ -146,8 +146,8 @@ def true_changes(adata, programs: list[str]) -> dict[str, np.ndarray]:
 
 def rho_lfc(model, adata, programs: list[str], n_samples: int, seed: int) -> dict:
     """Pooled pairwise lfc median and sd of rho_N and rho_M per program vs controls."""
-    from pybivi.de import kinetic_bayes_factors
     from pybivi.posterior import pooled_samples
+    from pybivi.tl.de import kinetic_bayes_factors
 
     labels = adata.obs["program"].astype(str).to_numpy()
     names = ("rho_nascent", "rho_mature")
@@ -171,7 +171,7 @@ def oracle_tables(adata, noise: float, seed: int) -> pd.DataFrame:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from de_vs_scvi import _truth_draws
 
-    from pybivi import de
+    from pybivi.tl import de
 
     draws = _truth_draws(adata, noise, 5, np.random.default_rng(seed))
     dims = ("chain", "draw", "cell", "gene")
@@ -203,7 +203,8 @@ def recall_by_bin(table: pd.DataFrame, truth: dict, programs: list[str], key: st
 def diagnostics(args: argparse.Namespace, adata, programs: list[str], model) -> None:
     """Where the pooled-pairs test (``method="pairs"``) loses the truth: the earlier
     diagnosis, printed with ``--diagnostics``."""
-    from pybivi import de
+    from pybivi import datasets
+    from pybivi.tl import de
 
     t0 = time.perf_counter()
     table = de.kinetic(model, groupby="program", group=programs, method="pairs",
@@ -211,8 +212,8 @@ def diagnostics(args: argparse.Namespace, adata, programs: list[str], model) -> 
     print(f"kinetic test: {time.perf_counter() - t0:.0f} s; {adata.n_obs} cells x "
           f"{adata.n_vars} genes; delta 1, BF > 3, normalize {args.normalize}")
     truth = true_changes(adata, programs)
-    scores = de.truth_scores(table, adata, strength="mean")
-    unit = de.truth_scores(table, adata, strength="unit")
+    scores = datasets.truth_scores(table, adata, strength="mean")
+    unit = datasets.truth_scores(table, adata, strength="unit")
     rho = rho_lfc(model, adata, programs, args.samples, args.seed)
     # What the counts alone say: log2 ratio of mean normalised nascent counts.
     nascent = adata.layers["unspliced"].toarray()
@@ -279,7 +280,7 @@ def diagnostics(args: argparse.Namespace, adata, programs: list[str], model) -> 
         out.append({"program": key[0], "bin": key[1], "n": n, "model": r,
                     "oracle": oracles[0.0][key][1], f"oracle_{noise}": oracles[noise][key][1]})
     print(pd.DataFrame(out).pivot(index="program", columns="bin").round(2).to_string())
-    ceiling = de.truth_scores(oracle[noise], adata, strength="mean")
+    ceiling = datasets.truth_scores(oracle[noise], adata, strength="mean")
     ceiling = ceiling[ceiling["target"] == "any"].set_index("program")["recall"]
     print(f"\nrecall ('any', mean strength) of unbiased draws with the model's spread (oracle, "
           f"noise sd {noise}) vs the model's:")
@@ -288,7 +289,7 @@ def diagnostics(args: argparse.Namespace, adata, programs: list[str], model) -> 
     if args.group_level:
         grouped, expression = group_level_calls(model, adata, programs, table,
                                                 args.group_level, args.seed)
-        g_scores = de.truth_scores(grouped, adata, strength="mean")
+        g_scores = datasets.truth_scores(grouped, adata, strength="mean")
         g_scores = g_scores[g_scores["target"] == "any"].set_index("program")
         print(f"\ngroup-level test ({args.group_level} draws per cell, mean log2 over the "
               "group's cells, BF > 3 at delta 1) against the pooled pairs:")
@@ -316,10 +317,10 @@ def score_calls(kinetic_table: pd.DataFrame, mean_table: pd.DataFrame, adata,
     change of that parameter is 0), recall (genes whose true |log2| change at the
     program's mean strength is >= 1), the null call rate, and per program the share of
     compensatory genes called by the kinetic test and missed by the mean test."""
-    from pybivi import de
+    from pybivi import datasets
 
-    scores = de.truth_scores(kinetic_table, adata, strength="mean")
-    comp = de.compensatory_summary(kinetic_table, mean_table, adata).set_index("program")
+    scores = datasets.truth_scores(kinetic_table, adata, strength="mean")
+    comp = datasets.compensatory_summary(kinetic_table, mean_table, adata).set_index("program")
     kinds = dict(zip(programs, adata.uns["simulation"]["program_kinds"], strict=True))
     rows = []
     for _, r in scores[scores["target"] != "any"].iterrows():
@@ -338,7 +339,7 @@ def score_calls(kinetic_table: pd.DataFrame, mean_table: pd.DataFrame, adata,
 
 def run_seed(args: argparse.Namespace, seed: int) -> tuple[pd.DataFrame, dict]:
     """Fit (or load) the demo model of one simulation seed and score the calls."""
-    from pybivi import de
+    from pybivi.tl import de
 
     args.seed = seed
     adata = prepared_data(args.cells, args.genes, seed)
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--kl-warmup", type=float, default=None, help="epochs (default 1/4)")
     parser.add_argument("--method", choices=("group", "pairs"), default="group",
-                        help="pybivi.de.kinetic's method (default: group)")
+                        help="pybivi.tl.de.kinetic's method (default: group)")
     parser.add_argument("--estimate", choices=("observed", "decoded"), default="observed")
     parser.add_argument("--delta", type=float, default=None,
                         help="default: the method's own (0.5 group, 1 pairs)")
@@ -405,9 +406,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{extra['n_cells']} cells x {extra['n_genes']} genes, "
               f"{len(extra['programs'])} programs: {extra['seconds']:.1f} s")
         print(scores.drop(columns="seed").round(3).to_string(index=False))
-        from pybivi import de
+        from pybivi import datasets
 
-        any_ = de.truth_scores(extra["table"], extra["adata"], strength="mean")
+        any_ = datasets.truth_scores(extra["table"], extra["adata"], strength="mean")
         any_ = any_[any_["target"] == "any"].set_index("program")
         print("either parameter ('any'; precision_strict counts every call outside the >= 2x "
               "genes as false, the definition of earlier versions):")
@@ -429,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def delta_sweep(args: argparse.Namespace, extra: dict) -> pd.DataFrame:
     """Precision and recall of the group test at other deltas (one fit)."""
-    from pybivi import de
+    from pybivi.tl import de
 
     rows = []
     for delta in args.delta_sweep:

@@ -193,13 +193,13 @@ def group_level_calls(
     For each of ``n_draws`` posterior draws of every cell, the mean over a group's cells of
     log2 b and log2 gamma/k (at the reference library); ``lfc`` is the difference of a
     program's and the controls' means, draw by draw, and a gene is called where
-    ``(#(|lfc| >= 1) + 0.5) / (#(|lfc| < 1) + 0.5) > 3``, as in :func:`pybivi.de.kinetic`.
+    ``(#(|lfc| >= 1) + 0.5) / (#(|lfc| < 1) + 0.5) > 3``, as in :func:`pybivi.tl.de.kinetic`.
     The between-cell spread no longer enters; what remains is the latents' posterior
     uncertainty of the group mean. Returns ``table`` with its ``*_is_de`` columns replaced,
     and, per program, the mean nascent and mature counts of the false calls and of the
     uncalled unchanged genes.
     """
-    from pybivi.de_truth import truth_arrays
+    from pybivi.datasets._truth import truth_arrays
     from pybivi.posterior import iter_draws
 
     names = ("burst_size", "degradation_rate")

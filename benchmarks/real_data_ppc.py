@@ -50,9 +50,10 @@ import pandas as pd
 import torch
 
 import pybivi
-from pybivi import datasets, pp, ppc
+from pybivi import datasets, pp
 from pybivi.cme.approximator import DOMAIN_REGIONS, domain_regions
 from pybivi.schemes import ExactConditional
+from pybivi.tl import ppc
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "pancreas_739.h5ad"

@@ -1,5 +1,12 @@
 """pybivi: biophysical, contrastive analysis of single-cell CRISPR screens in Pyro.
 
+Layout (the scverse convention): the model classes at the top level; :mod:`pybivi.pp`
+(preparation), :mod:`pybivi.tl` (differential tests, metrics, posterior-predictive checks),
+:mod:`pybivi.pl` (figures), :mod:`pybivi.datasets` (reading, the simulator and scoring
+against its truth), :mod:`pybivi.report` (the HTML report and pipelines); numerics in
+:mod:`pybivi.cme`, reaction schemes in :mod:`pybivi.schemes`, Pyro distributions in
+:mod:`pybivi.distributions`.
+
 The public names are imported lazily so that ``import pybivi`` stays cheap and a
 sub-package (for example :mod:`pybivi.cme`) can be used on its own.
 """
@@ -9,20 +16,20 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from pybivi import _moved
+
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "cme",
+    "pp",
+    "tl",
+    "pl",
+    "datasets",
+    "report",
+    "posterior",
     "schemes",
     "distributions",
-    "datasets",
-    "pp",
-    "metrics",
-    "de",
-    "de_report",
-    "ppc",
-    "posterior",
-    "plotting",
+    "cme",
 )
 
 _PUBLIC_CLASSES = {
@@ -36,7 +43,14 @@ _PUBLIC_CLASSES = {
 __all__ = [*_SUBMODULES, *_PUBLIC_CLASSES, "__version__"]
 
 
+# Modules that moved into the pp/tl/pl/datasets/report layout stay importable from their old
+# names for one release, with a DeprecationWarning (see pybivi._moved).
+_moved.install()
+
+
 def __getattr__(name: str) -> Any:
+    if name in _moved.OLD_MODULES:
+        return importlib.import_module(f"pybivi.{name}")
     if name in _SUBMODULES:
         return importlib.import_module(f"pybivi.{name}")
     if name in _PUBLIC_CLASSES:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pybivi.pipeline import DISPLAY, MODEL_NAMES, log_step, run_pipeline
+from pybivi.report._pipeline import DISPLAY, MODEL_NAMES, log_step, run_pipeline
 
 __all__ = ["main", "build_parser", "run_pipeline", "MODEL_NAMES"]
 

@@ -30,7 +30,7 @@ model and the guide: with ``TraceMeanField_ELBO`` the analytic KL is masked by t
 guide's mask, with ``Trace_ELBO`` the model's and guide's log-densities cancel only
 when both are masked. ``kl_weight`` scales the latent sites (KL warm-up) in both.
 
-Contract (relied on by :mod:`pybivi.posterior`, :mod:`pybivi.de`, :mod:`pybivi.ppc`)
+Contract (relied on by :mod:`pybivi.posterior`, :mod:`pybivi.tl.de`, :mod:`pybivi.tl.ppc`)
 ------------------------------------------------------------------------------------
 * ``model(batch, kl_weight=1.0, observe=True)`` and ``guide(batch, kl_weight=1.0, observe=True)``
   take the batch dictionaries of :mod:`pybivi.data` (optionally with

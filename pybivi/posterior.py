@@ -22,7 +22,7 @@ labels, control flags, the ``groupby`` column, ``theta``) and optionally
 :class:`pyro.infer.Predictive` given the same latent draws).
 
 The sampling core, :func:`iter_draws`, works one minibatch at a time so that memory is
-bounded by what the caller keeps; :func:`pooled_samples` is what :mod:`pybivi.de` uses.
+bounded by what the caller keeps; :func:`pooled_samples` is what :mod:`pybivi.tl.de` uses.
 """
 
 from __future__ import annotations

@@ -103,3 +103,74 @@ def test_the_checks_see_a_cycle_and_a_private_import(tmp_path, monkeypatch):
     assert "pybivi.b" in graph["pybivi.a"] and "pybivi.a" in graph["pybivi.b"]
     found = [i for n, p in _modules().items() for _, i in _imports(n, p, _modules()) if i]
     assert found == ["_hidden"]
+
+
+# Layers, top to bottom (the user guide's "Package layout"): a module may import its own
+# layer and the layers below it, never one above.
+LAYERS = [
+    ("pybivi.cli",),
+    ("pybivi.report",),
+    ("pybivi.pl",),
+    ("pybivi.tl",),
+    ("pybivi.models", "pybivi.posterior", "pybivi._idata"),
+    ("pybivi.module", "pybivi.diagnostics", "pybivi.training", "pybivi.data", "pybivi.nn"),
+    ("pybivi.distributions",),
+    ("pybivi.schemes", "pybivi.datasets", "pybivi.pp"),
+    ("pybivi.cme", "pybivi._allocator"),
+]
+
+
+def _layer(module: str) -> int | None:
+    for rank, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return rank
+    return None
+
+
+def test_imports_point_down_the_layers():
+    upward = [
+        f"{a} -> {b}"
+        for a, targets in _graph().items()
+        for b in targets
+        if _layer(a) is not None and _layer(b) is not None and _layer(b) < _layer(a)
+    ]
+    assert not upward, upward
+
+
+def test_every_module_has_a_layer():
+    unplaced = [
+        m for m in _modules() if m not in ("pybivi", "pybivi._moved") and _layer(m) is None
+    ]
+    assert not unplaced, unplaced
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert _layer("pybivi.tl.de") > _layer("pybivi.pl._de")  # tl sits below pl
+    graph = {"pybivi.tl.de": {"pybivi.pl"}}
+    assert [a for a, t in graph.items() for b in t if _layer(b) < _layer(a)] == ["pybivi.tl.de"]
+
+
+def test_moved_modules_still_import_with_a_deprecation_warning():
+    import importlib
+    import sys
+    import warnings
+
+    import pybivi
+    from pybivi import _moved, pl, report
+    from pybivi.tl import de
+
+    sys.modules.pop("pybivi.de_report", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = importlib.import_module("pybivi.de_report")
+        assert old.figure3 is report.figure3
+        assert old.plot_overlap is pl.overlap
+        assert pybivi.de.kinetic is de.kinetic
+    messages = [str(w.message) for w in caught if w.category is DeprecationWarning]
+    assert any("pybivi.de_report moved" in m for m in messages)
+    assert any("pybivi.pl.overlap" in m for m in messages)
+    for old_name, (places, renamed) in _moved.OLD_MODULES.items():
+        for place in places:
+            importlib.import_module(place)
+        for module, name in renamed.values():
+            assert hasattr(importlib.import_module(module), name), (old_name, module, name)

@@ -1,13 +1,13 @@
-"""Median-ratio normalisation of posterior samples (pybivi.bayes_factors) and its use in
-pybivi.de.kinetic: compositional shifts removed, true changes kept."""
+"""Median-ratio normalisation of posterior samples (pybivi.tl.bayes_factors) and its use in
+pybivi.tl.de.kinetic: compositional shifts removed, true changes kept."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pybivi import de
-from pybivi.bayes_factors import median_ratio_normalize
+from pybivi.tl import de
+from pybivi.tl.bayes_factors import median_ratio_normalize
 
 
 def test_median_ratio_removes_per_sample_factors_and_keeps_minority_changes():

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pybivi import cli, plotting
+from pybivi import cli, pl
 from pybivi.report import Report, table_html
 
 torch.set_num_threads(1)
@@ -63,7 +63,7 @@ def test_demo_writes_report_folder(demo_dir):
         assert 0.0 <= row["mixing_entropy"] <= np.log(3) + 1e-9
     for name in cli.MODEL_NAMES:
         assert (demo_dir / "models" / f"{name}_seed0" / "config.json").exists()
-    # Figure 3 (pybivi.de) and the kinetic truth comparison are sections of the same page.
+    # Figure 3 (pybivi.tl.de) and the kinetic truth comparison are sections of the same page.
     assert "error" not in metrics["figure3"], metrics["figure3"]
     assert {"b", "gamma"} <= set(metrics["kinetic_recovery"])
     assert "Figure 3" in page and "Kinetic parameters against the truth" in page
@@ -123,7 +123,7 @@ def test_fit_errors_name_the_problem(tmp_path, capsys):
 def test_report_sections_add_replace_reopen(tmp_path):
     rep = Report(tmp_path, title="T <1>")
     coords = np.random.default_rng(0).normal(size=(30, 2))
-    fig = plotting.embedding_grid([(coords, np.repeat(["a", "b", "c"], 10), "panel")], ncols=1)
+    fig = pl.embedding_grid([(coords, np.repeat(["a", "b", "c"], 10), "panel")], ncols=1)
     rep.add_section("First", "<p>one</p>", [(fig, "f1.png", "caption & more")])
     rep.add_section("Second", table_html(pd.DataFrame({"x": [1.23456]}, index=["r"])))
     rep.write()
@@ -142,18 +142,18 @@ def test_report_sections_add_replace_reopen(tmp_path):
 def test_embed_pca_recovers_the_dominant_axis():
     rng = np.random.default_rng(0)
     x = np.column_stack([rng.normal(scale=10, size=200), rng.normal(size=(200, 4))])
-    xy = plotting.embed(x, method="pca")
+    xy = pl.embed(x, method="pca")
     assert xy.shape == (200, 2)
     assert abs(np.corrcoef(xy[:, 0], x[:, 0])[0, 1]) > 0.99
     with pytest.raises(ValueError, match="method"):
-        plotting.embed(x, method="tsne")
+        pl.embed(x, method="tsne")
 
 
 def test_kinetic_recovery_bookkeeping_on_exact_estimates(tmp_path):
     # Layers holding each cell's true kinetics at a fixed library: the recovered
     # program-vs-control changes must equal the truth exactly.
     from pybivi import datasets
-    from pybivi.report_sections import add_kinetic_recovery, kinetic_recovery
+    from pybivi.report._sections import add_kinetic_recovery, kinetic_recovery
 
     a = datasets.simulate_perturbseq(n_cells=150, n_genes=40, seed=0, doublet_fraction=0.0)
     a = a[a.obs["program"] != "unassigned"].copy()

@@ -14,8 +14,8 @@ from pyro import poutine
 from torch import nn
 
 import pybivi
-from pybivi import de, ppc
 from pybivi.module import ContrastiveModule
+from pybivi.tl import de, ppc
 
 torch.set_num_threads(1)
 

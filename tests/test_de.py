@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 from scipy.stats import norm
 
-from pybivi import de
+from pybivi import datasets, report
+from pybivi.tl import de
 
 
 def _two_sided(m: float, s: float, delta: float) -> float:
@@ -287,21 +288,21 @@ def test_truth_scores_by_construction(sim):
             "degradation_rate": table["degradation_rate_is_de"],
         }
     )
-    scores = de.truth_scores(table, sim).set_index("target")
+    scores = datasets.truth_scores(table, sim).set_index("target")
     assert (
         scores.loc["burst_size", "precision"] == 1.0 and scores.loc["burst_size", "recall"] == 1.0
     )
     assert scores.loc["degradation_rate", "precision"] == pytest.approx(true_g.mean())
     assert scores.loc["degradation_rate", "recall"] == 1.0
     mean_table = pd.DataFrame({"group": "program1", "is_de": np.zeros(30, bool)}, index=genes)
-    comp = de.compensatory_summary(table, mean_table, sim).iloc[0]
+    comp = datasets.compensatory_summary(table, mean_table, sim).iloc[0]
     n_comp = int(np.sum(sim.varm["effect_kind"][:, 0] == 3))
     assert comp["n_compensatory"] == n_comp and comp["kinetic_not_mean"] == n_comp
 
 
 def test_figure3_section(bursty_and_scvi, sim):
     cbivi, scvi = bursty_and_scvi
-    out = de.figure3(cbivi, scvi=scvi, truth=sim, n_samples=300)
+    out = report.figure3(cbivi, scvi=scvi, truth=sim, n_samples=300)
     counts, overlap = out["counts"], out["overlap"]
     assert list(counts.index) == ["program1", "program2"]
     # Diagonal of the overlap = total calls of each kind over programs.
@@ -311,5 +312,5 @@ def test_figure3_section(bursty_and_scvi, sim):
     assert out["gene"] in sim.var_names and "Compensatory" in out["text"]
     assert len(out["figures"]["densities"].axes) == 3
     assert "null call rate" in out["text"].lower() and "FDR" in out["text"]
-    paper = de.figure3(cbivi, scvi=scvi, truth=sim, n_samples=300, method="pairs")
+    paper = report.figure3(cbivi, scvi=scvi, truth=sim, n_samples=300, method="pairs")
     assert "mean (SCVI)" in paper["counts"].columns and "BF > 3" in paper["text"]

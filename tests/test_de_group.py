@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from scipy.stats import norm
 
-from pybivi import de
-from pybivi.bayes_factors import fdr_calls, shrink_lfc, three_way_test
-from pybivi.de_streams import group_log2_draws, pseudobulk_moments
+from pybivi.tl import de
+from pybivi.tl._de_streams import group_log2_draws, pseudobulk_moments
+from pybivi.tl.bayes_factors import fdr_calls, shrink_lfc, three_way_test
 
 
 # ------------------------------------------------------------------------ pure maths
@@ -303,8 +303,8 @@ def test_model_and_exported_paths_agree_and_decoded_means_are_group_averages(fit
 def test_paper_mode_is_biVIs_pooled_pairs_procedure(fitted):
     """``method="pairs"`` is the documented procedure, step by step: pooled draws of the
     reference (seed), of the group (seed + 1), pairs seeded per group and parameter."""
-    from pybivi.bayes_factors import kinetic_bayes_factors
     from pybivi.posterior import pooled_samples
+    from pybivi.tl.bayes_factors import kinetic_bayes_factors
 
     model, adata = fitted
     labels = adata.obs["program"].astype(str).to_numpy()
@@ -323,7 +323,7 @@ def test_paper_mode_is_biVIs_pooled_pairs_procedure(fitted):
 
 
 def test_normal_mixture_tails_match_monte_carlo():
-    from pybivi.bayes_factors import normal_mixture_tails
+    from pybivi.tl.bayes_factors import normal_mixture_tails
 
     rng = np.random.default_rng(12)
     weights = np.array([[0.5, 0.3, 0.2], [0.0, 0.0, 1.0]])

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pybivi import de
+from pybivi import datasets
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def sim():
 def test_program_strengths_are_cell_weighted_means(sim):
     table = pd.DataFrame(sim.uns["simulation"]["perturbations"])
     labels = sim.obs["perturbation"].astype(str)
-    got = de.program_strengths(sim)
+    got = datasets.program_strengths(sim)
     for program in ("program1", "program2"):
         rows = table[(table["program"] == program) & table["annotated"]]
         counts = np.array([(labels == q).sum() for q in rows["perturbation"]])
@@ -37,7 +37,7 @@ def test_program_strengths_are_cell_weighted_means(sim):
 
 
 def test_truth_scores_at_mean_strength(sim):
-    s = de.program_strengths(sim)["program1"]
+    s = datasets.program_strengths(sim)["program1"]
     change = np.abs(sim.varm["log2_b_change"][:, 0])
     # Calls exactly on the genes whose pooled cells change >= 2x: perfect at "mean".
     called = s * change >= 1
@@ -46,18 +46,18 @@ def test_truth_scores_at_mean_strength(sim):
          "degradation_rate_is_de": np.zeros(sim.n_vars, bool)},
         index=pd.Index(sim.var_names, name="gene"),
     )
-    mean = de.truth_scores(table, sim, strength="mean").set_index("target")
+    mean = datasets.truth_scores(table, sim, strength="mean").set_index("target")
     assert mean.loc["burst_size", "n_true"] == called.sum()
     assert mean.loc["burst_size", "recall"] == 1.0 and mean.loc["burst_size", "precision"] == 1.0
-    unit = de.truth_scores(table, sim).set_index("target")
+    unit = datasets.truth_scores(table, sim).set_index("target")
     assert unit.loc["burst_size", "n_true"] == int(np.sum(change >= 1))
     assert unit.loc["burst_size", "recall"] == pytest.approx(called.sum() / np.sum(change >= 1))
     with pytest.raises(ValueError, match="strength"):
-        de.truth_scores(table, sim, strength="median")
+        datasets.truth_scores(table, sim, strength="median")
 
 
 def test_recall_strong_counts_only_large_changes(sim):
-    s = de.program_strengths(sim)["program2"]
+    s = datasets.program_strengths(sim)["program2"]
     size = np.maximum(np.abs(sim.varm["log2_b_change"][:, 1]),
                       np.abs(sim.varm["log2_gamma_change"][:, 1])) * s
     # Call only the genes changing >= 2^1.5 (b for some, gamma/k for the others).
@@ -67,7 +67,7 @@ def test_recall_strong_counts_only_large_changes(sim):
          "degradation_rate_is_de": strong & (np.arange(sim.n_vars) % 2 == 1)},
         index=pd.Index(sim.var_names, name="gene"),
     )
-    row = de.truth_scores(table, sim, strength="mean").set_index("target").loc["any"]
+    row = datasets.truth_scores(table, sim, strength="mean").set_index("target").loc["any"]
     assert row["n_true_strong"] == strong.sum() and row["n_true"] == np.sum(size >= 1)
     if strong.any():
         assert row["recall_strong"] == 1.0

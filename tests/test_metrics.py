@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pybivi import metrics
+from pybivi.tl import metrics
 
 
 def _blobs(n_groups: int, per_group: int, dims: int = 5, spread: float = 0.05, seed: int = 0):

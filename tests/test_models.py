@@ -164,7 +164,7 @@ def test_salient_space_beats_bivi_on_a_confounded_screen():
     the programs differ in kinetics; ContrastiveBiVI's salient space separates programs
     (ARI) and mixes phases (entropy) better than biVI's single latent space."""
     from pybivi.datasets import simulate_perturbseq
-    from pybivi.metrics import mixing_entropy, program_ari
+    from pybivi.tl.metrics import mixing_entropy, program_ari
 
     adata = simulate_perturbseq(
         n_cells=1000, n_genes=200, n_programs=3, seed=1, genes_per_program=10,

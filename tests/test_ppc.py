@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pybivi import ppc
+from pybivi import pl, report
+from pybivi.tl import ppc
 
 
 def _pairs(rng, n_cells, n_genes, dispersion=2.0):
@@ -146,10 +147,10 @@ def test_ppc_on_a_bimodal_model(sim):
     _library_identity(res, 25)
     again = ppc.ppc(model, n_replicates=8, seed=1, batch_size=50)
     np.testing.assert_array_equal(res.replicates["mean_mature"], again.replicates["mean_mature"])
-    fig = ppc.plot_ppc(res, statistics=["mean_mature", "correlation"])
+    fig = pl.ppc(res, statistics=["mean_mature", "correlation"])
     assert len(fig.axes) == 4
-    assert len(ppc.plot_calibration(res).axes) == 7
-    sec = ppc.section(res)
+    assert len(pl.calibration(res).axes) == 7
+    sec = report.ppc_section(res)
     assert sec["summary"] is res.summary and set(sec["figures"]) == {"statistics", "calibration"}
     assert "correlation" in sec["text"]
 

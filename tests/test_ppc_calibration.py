@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pybivi import ppc
+from pybivi.tl import ppc
 
 
 @pytest.mark.parametrize("n_rep", [20, 40, 100])

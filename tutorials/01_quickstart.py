@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 import pybivi
-from pybivi import datasets, de, metrics, plotting, pp
+from pybivi import datasets, pl, pp
+from pybivi.tl import de, metrics
 
 FAST = os.environ.get("PYBIVI_TUTORIAL_FAST") == "1"
 OUT = Path(os.environ.get("PYBIVI_TUTORIAL_OUT") or tempfile.mkdtemp(prefix="pybivi_quickstart_"))
@@ -136,8 +137,8 @@ for name, rep in [("salient t", salient), ("background z", background)]:
     print(f"{name:13s} program ARI = {ari:6.3f}   cell-cycle mixing entropy = {entropy:.3f}")
 
 # %%
-coords = plotting.embed(salient[~is_control], method="pca" if FAST else "umap")
-fig = plotting.embedding_grid(
+coords = pl.embed(salient[~is_control], method="pca" if FAST else "umap")
+fig = pl.embedding_grid(
     [
         (coords, programs[~is_control], "salient space: gene program"),
         (coords, phases[~is_control], "salient space: cell-cycle phase"),
@@ -177,7 +178,7 @@ print(table.groupby("group")[["burst_size_null_call_rate",
 # kinetics truly change at least two-fold.
 
 # %%
-scores = de.truth_scores(table, adata, strength="mean")
+scores = datasets.truth_scores(table, adata, strength="mean")
 print(scores[scores["target"] != "any"].to_string(index=False))
 table.to_csv(OUT / "kinetic_calls.csv")
 
@@ -187,7 +188,7 @@ table.to_csv(OUT / "kinetic_calls.csv")
 
 # %%
 means = de.mean(model, groupby="program", reference="control", seed=0)
-print(de.compensatory_summary(table, means, adata).to_string(index=False))
+print(datasets.compensatory_summary(table, means, adata).to_string(index=False))
 
 # %% [markdown]
 # The paper's procedure, pooled posterior samples of single cells compared in random pairs
@@ -204,7 +205,7 @@ pairs = de.kinetic(
     n_pairs=2000 if FAST else 10_000,
     seed=0,
 )
-pair_scores = de.truth_scores(pairs, adata, strength="mean")
+pair_scores = datasets.truth_scores(pairs, adata, strength="mean")
 print(pair_scores[pair_scores["target"] == "any"].to_string(index=False))
 
 # %% [markdown]

@@ -16,7 +16,7 @@
 # compute the same statistics on them as on the observed data, and see where the observed
 # value falls among the replicates. In this tutorial you will:
 #
-# 1. run `pybivi.ppc.ppc` on a model fitted to a simulated screen, and read its calibration
+# 1. run `pybivi.tl.ppc.ppc` on a model fitted to a simulated screen, and read its calibration
 #    summary, its per-gene table and its two figures;
 # 2. do the same on real cells (mouse pancreas, with spliced and unspliced counts) from the
 #    shared data, when they are available beside the repository.
@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 import pybivi
-from pybivi import datasets, pp, ppc
+from pybivi import datasets, pl, pp
+from pybivi.tl import ppc
 
 FAST = os.environ.get("PYBIVI_TUTORIAL_FAST") == "1"
 OUT = Path(os.environ.get("PYBIVI_TUTORIAL_OUT") or tempfile.mkdtemp(prefix="pybivi_ppc_"))
@@ -132,10 +133,10 @@ print(extreme[["observed", "replicate_mean", "replicate_sd", "ppp"]].round(3).to
 # paper's 100 on tens of thousands of cells.
 
 # %%
-fig = ppc.plot_ppc(check, statistics=["mean_mature", "variance_mature", "zero_fraction_mature",
+fig = pl.ppc(check, statistics=["mean_mature", "variance_mature", "zero_fraction_mature",
                                       "correlation"])
 fig.savefig(OUT / "ppc_simulated.png", dpi=100)
-fig = ppc.plot_calibration(check)
+fig = pl.calibration(check)
 fig.savefig(OUT / "calibration_simulated.png", dpi=100)
 
 # %% [markdown]
@@ -186,7 +187,7 @@ else:
     assert np.array_equal(fits["bursty"].validation_indices,
                           fits["constitutive"].validation_indices)
     assert real_check.summary["fraction_central_95"].between(0.0, 1.0).all()
-    ppc.plot_calibration(real_check).savefig(OUT / "calibration_pancreas.png", dpi=100)
+    pl.calibration(real_check).savefig(OUT / "calibration_pancreas.png", dpi=100)
 
 # %% [markdown]
 # On real data the check is where a model's assumptions meet the cells. `median_ratio` below 1

@@ -36,7 +36,8 @@ import pandas as pd
 import torch
 
 import pybivi
-from pybivi import datasets, pp, ppc, schemes
+from pybivi import datasets, pp, schemes
+from pybivi.tl import ppc
 
 FAST = os.environ.get("PYBIVI_TUTORIAL_FAST") == "1"
 OUT = Path(os.environ.get("PYBIVI_TUTORIAL_OUT") or tempfile.mkdtemp(prefix="pybivi_schemes_"))

@@ -11,7 +11,7 @@ Typical use::
     model.train(max_epochs=100)
     salient = model.get_latent_representation(kind="salient")
 
-Contract (relied on by :mod:`pybivi.posterior`, :mod:`pybivi.de`, :mod:`pybivi.ppc`)
+Contract (relied on by :mod:`pybivi.posterior`, :mod:`pybivi.tl.de`, :mod:`pybivi.tl.ppc`)
 ------------------------------------------------------------------------------------
 * ``model.module``: the Pyro module (see :mod:`pybivi.module` for its methods), an
   instance of the class attribute ``module_cls`` or of the ``module_cls=`` argument.

@@ -2,8 +2,8 @@
 
 Only simulated data allow it: :func:`pybivi.datasets.simulate_perturbseq` records each
 gene's true log2 changes of burst size and relative degradation per program. Used by the
-demo report (figure 3's ground-truth section, :mod:`pybivi.de_report`) and by
-``benchmarks/kinetic_calls.py``; reachable as ``pybivi.de.<name>``.
+demo report (figure 3's ground-truth section, :mod:`pybivi.report`) and by
+``benchmarks/kinetic_calls.py``; reachable as ``pybivi.tl.de.<name>``.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def truth_scores(
     Parameters
     ----------
     kinetic_table
-        A table of :func:`pybivi.de.kinetic` with programs as groups.
+        A table of :func:`pybivi.tl.de.kinetic` with programs as groups.
     adata
         The simulated AnnData (``uns["simulation"]``, ``varm``).
     min_log2

@@ -1,15 +1,16 @@
 """The report's posterior-predictive section: summary table, figures and text.
 
-Composes :mod:`pybivi.ppc` (the statistics and their calibration) and
-:mod:`pybivi.ppc_plots` (the figures); reachable as ``pybivi.ppc.section``.
+Composes :mod:`pybivi.tl.ppc` (the statistics and their calibration) and
+:mod:`pybivi.pl` (the figures); reachable as ``pybivi.report.ppc_section``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pybivi.ppc import PPCResult, expected_coverage, ppc
-from pybivi.ppc_plots import plot_calibration, plot_ppc
+from pybivi.pl._ppc import calibration as plot_calibration
+from pybivi.pl._ppc import ppc as plot_ppc
+from pybivi.tl.ppc import PPCResult, expected_coverage, ppc
 
 __all__ = ["section"]
 

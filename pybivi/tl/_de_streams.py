@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pybivi.de_sources import is_idata
+from pybivi.tl._de_sources import is_idata
 
 __all__ = ["AGGREGATIONS", "null_splits", "pseudobulk_moments", "group_log2_draws"]
 

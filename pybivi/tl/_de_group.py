@@ -1,6 +1,6 @@
 """Group-level differential tests: population effects, shrinkage, FDR control, a null.
 
-The default of :func:`pybivi.de.kinetic` and an option of :func:`pybivi.de.mean`. For each
+The default of :func:`pybivi.tl.de.kinetic` and an option of :func:`pybivi.tl.de.mean`. For each
 group of cells and the reference:
 
 1. **Population-level values.** Each species' mean normalised expression over the
@@ -15,7 +15,7 @@ group of cells and the reference:
    ``"decoded"`` the variance of the posterior draws is added.
 3. **Shrinkage.** The log2 fold changes of all genes of a comparison share an
    empirical-Bayes prior, a point mass at 0 and normals (Stephens' ``ash``,
-   :func:`~pybivi.bayes_factors.shrink_lfc`), so that posterior probabilities are
+   :func:`~pybivi.tl.bayes_factors.shrink_lfc`), so that posterior probabilities are
    calibrated across genes: most genes do not change.
 4. **Three-way test and calls** on the posterior draws (:func:`three_way_test`), calls
    under posterior expected FDR control (:func:`fdr_calls`).
@@ -35,16 +35,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pybivi.bayes_factors import combined_call
-from pybivi.de_sources import Sampler, default_kinetic_params, group_masks, is_idata
-from pybivi.de_streams import group_log2_draws, null_splits, pseudobulk_moments
-from pybivi.shrinkage import (
+from pybivi.tl._de_sources import Sampler, default_kinetic_params, group_masks, is_idata
+from pybivi.tl._de_streams import group_log2_draws, null_splits, pseudobulk_moments
+from pybivi.tl._shrinkage import (
     HALF_COUNT,
     fdr_calls,
     normal_mixture_tails,
     shrink_lfc,
     three_way_test,
 )
+from pybivi.tl.bayes_factors import combined_call
 
 __all__ = ["ESTIMATES", "GROUP_DELTA", "group_test"]
 
@@ -211,11 +211,11 @@ def group_test(
     batch_size: int = 256,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """The group-level test behind :func:`pybivi.de.kinetic` and :func:`pybivi.de.mean`.
+    """The group-level test behind :func:`pybivi.tl.de.kinetic` and :func:`pybivi.tl.de.mean`.
 
     ``kind="kinetic"`` tests the scheme's kinetic parameters ``params``;
     ``kind="mean"`` tests normalised mature expression (one parameter, whose columns
-    carry no prefix). See :func:`pybivi.de.kinetic` for the other arguments.
+    carry no prefix). See :func:`pybivi.tl.de.kinetic` for the other arguments.
     """
     if estimate not in ESTIMATES:
         raise ValueError(f"estimate must be one of {ESTIMATES}, not {estimate!r}")

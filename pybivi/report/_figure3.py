@@ -1,10 +1,10 @@
 """Figure 3 of the paper from fitted models: call counts, overlaps, posterior densities.
 
-Builds on the Bayes-factor tests of :mod:`pybivi.de` (:func:`pybivi.de.kinetic`,
-:func:`pybivi.de.mean`) and adds what a report needs: the number of genes with strong
+Builds on the Bayes-factor tests of :mod:`pybivi.tl.de` (:func:`pybivi.tl.de.kinetic`,
+:func:`pybivi.tl.de.mean`) and adds what a report needs: the number of genes with strong
 evidence per program and readout, the overlap of the kinetic and mean calls, posterior
 densities for one gene, and, on simulated data, precision and recall of the kinetic calls
-against the simulator's truth (computed by :mod:`pybivi.de_truth`).
+against the simulator's truth (computed by :mod:`pybivi.datasets`).
 """
 
 from __future__ import annotations
@@ -13,116 +13,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from pybivi.de import kinetic, mean
-from pybivi.de_sources import group_masks, model_labels
-from pybivi.de_truth import compensatory_summary, truth_arrays, truth_scores
+from pybivi.datasets._truth import compensatory_summary, truth_arrays, truth_scores
+from pybivi.pl import _de as plots
+from pybivi.tl._de_sources import group_masks, model_labels
+from pybivi.tl._de_summary import SHORT_NAMES, call_counts, overlap_table
+from pybivi.tl.de import kinetic, mean
 
-__all__ = [
-    "call_counts",
-    "overlap_table",
-    "plot_call_counts",
-    "plot_overlap",
-    "plot_posterior_densities",
-    "figure3",
-]
+__all__ = ["figure3"]
 
 
 # --------------------------------------------------------------------------- figure 3
-_SHORT = {"burst_size": "b", "degradation_rate": "gamma/k"}
-
-
-def call_counts(kinetic_table: pd.DataFrame, mean_tables: dict[str, pd.DataFrame] | None = None):
-    """Genes with strong evidence per group (paper figure 3a): ``b``, ``gamma/k``, both, means.
-
-    Columns ``b`` and ``gamma/k`` count every gene called for that parameter (so a gene
-    called for both counts in both and in ``both``); ``mean (<label>)`` counts the genes
-    called by each mean-expression table.
-    """
-    out = {}
-    for g, t in kinetic_table.groupby("group", sort=False):
-        row = {}
-        for p in [c[: -len("_is_de")] for c in t.columns if c.endswith("_is_de")]:
-            row[_SHORT.get(p, p)] = int(t[f"{p}_is_de"].sum())
-        row["both"] = int((t["call"] == "both").sum())
-        for label, m in (mean_tables or {}).items():
-            row[f"mean ({label})"] = int(m.loc[m["group"] == g, "is_de"].sum())
-        out[g] = row
-    return pd.DataFrame(out).T.rename_axis("group")
-
-
-def _call_sets(kinetic_table, mean_tables) -> dict[str, set]:
-    sets = {}
-    for p in [c[: -len("_is_de")] for c in kinetic_table.columns if c.endswith("_is_de")]:
-        t = kinetic_table[kinetic_table[f"{p}_is_de"]]
-        sets[_SHORT.get(p, p)] = set(zip(t["group"], t.index, strict=True))
-    for label, m in (mean_tables or {}).items():
-        t = m[m["is_de"]]
-        sets[f"mean ({label})"] = set(zip(t["group"], t.index, strict=True))
-    return sets
-
-
-def overlap_table(kinetic_table, mean_tables=None) -> pd.DataFrame:
-    """Pairwise overlaps of the called (group, gene) sets: entry (i, j) = ``len(S_i & S_j)``."""
-    sets = _call_sets(kinetic_table, mean_tables)
-    names = list(sets)
-    return pd.DataFrame(
-        [[len(sets[a] & sets[b]) for b in names] for a in names], index=names, columns=names
-    )
-
-
-def plot_call_counts(counts: pd.DataFrame):
-    """Grouped bars of :func:`call_counts` (one group of bars per program)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(max(5.0, 1.2 * len(counts) + 2), 3.5), layout="constrained")
-    ax = fig.subplots()
-    width = 0.8 / max(1, counts.shape[1])
-    x = np.arange(len(counts))
-    for j, col in enumerate(counts.columns):
-        ax.bar(x + j * width, counts[col].to_numpy(), width, label=col)
-    ax.set_xticks(x + 0.4 - width / 2, counts.index, rotation=30, ha="right")
-    ax.set_ylabel("genes with strong evidence")
-    ax.legend(fontsize="small", frameon=False)
-    return fig
-
-
-def plot_overlap(overlap: pd.DataFrame):
-    """Heat map of :func:`overlap_table` with the counts written in."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(1.1 * len(overlap) + 2, 1.0 * len(overlap) + 1.2), layout="constrained")
-    ax = fig.subplots()
-    im = ax.imshow(overlap.to_numpy(), cmap="Blues")
-    ax.set_xticks(range(len(overlap)), overlap.columns, rotation=30, ha="right")
-    ax.set_yticks(range(len(overlap)), overlap.index)
-    for (i, j), v in np.ndenumerate(overlap.to_numpy()):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize="small")
-    fig.colorbar(im, ax=ax, label="(group, gene) pairs called by both")
-    return fig
-
-
-def plot_posterior_densities(samples: dict[str, dict[str, np.ndarray]], title: str = ""):
-    """Densities of log10 posterior samples, one panel per quantity, one curve per group.
-
-    ``samples = {"b (ContrastiveBiVI)": {"program1": array, "control": array}, ...}``
-    (figures 3b-c and S1 of the paper).
-    """
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(3.2 * len(samples), 3.0), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(samples)))
-    for ax, (name, groups) in zip(axes, samples.items(), strict=True):
-        for g, values in groups.items():
-            ax.hist(np.log10(values), bins=50, density=True, histtype="step", label=g)
-        ax.set_xlabel(f"log10 {name}")
-        ax.legend(fontsize="small", frameon=False)
-    axes[0].set_ylabel("posterior density")
-    fig.suptitle(title)
-    return fig
-
-
 def _pick_gene(kinetic_table, mean_table, adata) -> tuple[str, str]:
     """A compensatory gene: called for both b and gamma/k, shifts of the same sign, missed
     by the mean test (true compensatory genes first when the simulator's truth is there)."""
@@ -182,7 +83,7 @@ def figure3(
         Pooled posterior draws per group (``method="pairs"``); seed of every draw.
     method, estimate
         The tests' method and, for ``"group"``, where expression comes from (see
-        :func:`pybivi.de.kinetic`). With ``estimate="observed"`` the mean test reads the
+        :func:`pybivi.tl.de.kinetic`). With ``estimate="observed"`` the mean test reads the
         counts, which every model shares, so it runs once (label ``"counts"``); otherwise
         once per mature-only model.
 
@@ -224,9 +125,9 @@ def figure3(
         group = str(kin.loc[[gene], "group"].iloc[0])
     out["gene"], out["gene_group"] = gene, group
     out["figures"] = {
-        "counts": plot_call_counts(out["counts"]),
-        "overlap": plot_overlap(out["overlap"]),
-        "densities": plot_posterior_densities(
+        "counts": plots.call_counts(out["counts"]),
+        "overlap": plots.overlap(out["overlap"]),
+        "densities": plots.posterior_densities(
             _density_samples(contrastive_bivi, scvi, gene, group, groupby, reference, seed),
             title=f"{gene}: {group} vs {reference}",
         ),
@@ -250,7 +151,7 @@ def _density_samples(cbivi, scvi, gene, group, groupby, reference, seed, n=2_000
         for who, mask in ((group, masks[group]), (reference, ref_mask)):
             draws = pooled_samples(model, np.flatnonzero(mask), n, names, genes=[gene], seed=seed)
             for q in names:
-                key = f"{_SHORT.get(q, 'mean' if q == 'mean_mature' else q)} ({label})"
+                key = f"{SHORT_NAMES.get(q, 'mean' if q == 'mean_mature' else q)} ({label})"
                 samples.setdefault(key, {})[who] = draws[q][:, 0]
     return samples
 

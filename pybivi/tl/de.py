@@ -7,7 +7,7 @@ Two functions, each with two methods:
   between each group and a reference. Default ``method="group"``: population-level
   parameters from each group's pseudo-bulk at the reference library, adaptive shrinkage
   across genes, a three-way test at ``delta = 0.5`` and calls under posterior expected
-  FDR control, checked on control-versus-control splits (:mod:`pybivi.de_group`).
+  FDR control, checked on control-versus-control splits (:mod:`pybivi.tl.de`).
   ``method="pairs"``: biVI's procedure as in the ContrastiveBiVI paper (appendix E):
   pooled samples, random pairs, the Bayes factor of ``|lfc| >= delta`` against
   ``|lfc| < delta``, ``delta = 1``, call where ``BF > 3``.
@@ -18,10 +18,10 @@ Two functions, each with two methods:
   stated). scvi-tools reports the natural log of the odds in its ``bayes_factor``
   column: our ``log_bayes_factor`` column is that number.
 
-The maths lives in pure functions on arrays in :mod:`pybivi.bayes_factors`
+The maths lives in pure functions on arrays in :mod:`pybivi.tl.bayes_factors`
 (:func:`kinetic_bayes_factors`, :func:`change_bayes_factors`, ``three_way_test``,
 ``fdr_calls``, ``shrink_lfc``), tested against analytic cases; the functions here draw
-or read the inputs (:mod:`pybivi.de_sources`, :mod:`pybivi.de_streams`) and assemble
+or read the inputs (:mod:`pybivi.tl._de_sources`, :mod:`pybivi.tl._de_streams`) and assemble
 tables.
 """
 
@@ -33,20 +33,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pybivi.bayes_factors import (
-    change_bayes_factors,
-    combined_call,
-    estimate_pseudocounts,
-    kinetic_bayes_factors,
-    median_ratio_normalize,
-)
-from pybivi.de_group import GROUP_DELTA, group_test
-from pybivi.de_sources import (
+from pybivi.tl._de_group import GROUP_DELTA, group_test
+from pybivi.tl._de_sources import (
     Sampler,
     default_kinetic_params,
     group_masks,
     is_idata,
     mature_counts,
+)
+from pybivi.tl._de_summary import call_counts, overlap_table
+from pybivi.tl.bayes_factors import (
+    change_bayes_factors,
+    combined_call,
+    estimate_pseudocounts,
+    kinetic_bayes_factors,
+    median_ratio_normalize,
 )
 
 __all__ = [
@@ -57,6 +58,10 @@ __all__ = [
     "median_ratio_normalize",
     "kinetic",
     "mean",
+    "group_test",
+    "GROUP_DELTA",
+    "call_counts",
+    "overlap_table",
 ]
 
 
@@ -96,7 +101,7 @@ def kinetic(
       posterior expected false-discovery-rate control (``fdr_target``). The same test on
       control-versus-control splits (random reference subsets, size-matched to each
       group, against the rest of the reference) gives each group's null call rate. See
-      :mod:`pybivi.de_group`.
+      :mod:`pybivi.tl.de`.
     * ``"pairs"``: biVI's procedure as in the ContrastiveBiVI paper (appendix E): pooled
       draws of the two groups' cells, ``n_pairs`` random pairs, the Bayes factor of
       ``|lfc| >= delta`` against ``|lfc| < delta``, calls where it exceeds
@@ -128,15 +133,15 @@ def kinetic(
         the counts' sampling variance added to the draws'.
     delta
         Half-width of the region of practical equivalence on the log2 fold change
-        (default: :data:`~pybivi.de_group.GROUP_DELTA` = 0.5 for ``"group"``, the
+        (default: :data:`~pybivi.tl.de.GROUP_DELTA` = 0.5 for ``"group"``, the
         paper's 1 for ``"pairs"``).
     fdr_target
         ``"group"``: bound on the posterior expected FDR of each group's calls per
-        parameter (:func:`~pybivi.bayes_factors.fdr_calls`); ``None`` calls where the
+        parameter (:func:`~pybivi.tl.bayes_factors.fdr_calls`); ``None`` calls where the
         Bayes factor exceeds ``bf_threshold`` instead. Ignored by ``"pairs"``.
     shrink
         ``"group"``: shrink the lfc with an empirical-Bayes prior fitted to all genes
-        (:func:`~pybivi.bayes_factors.shrink_lfc`). ``False`` takes a flat prior, whose
+        (:func:`~pybivi.tl.bayes_factors.shrink_lfc`). ``False`` takes a flat prior, whose
         posterior probabilities are not calibrated across genes (noisy silent genes
         then look differential).
     null_repeats
@@ -161,7 +166,7 @@ def kinetic(
         shift shared by every gene (a compositional shift of normalised expression: when
         a program raises a minority of genes, every other gene's share falls). With
         ``"pairs"`` each sample is divided by its median ratio to the reference's
-        per-gene median (:func:`~pybivi.bayes_factors.median_ratio_normalize`); with
+        per-gene median (:func:`~pybivi.tl.bayes_factors.median_ratio_normalize`); with
         ``"group"`` the lfc estimates are centred on their median over genes. Both
         assume that most genes do not change the parameter.
     batch_size, seed
@@ -188,7 +193,7 @@ def kinetic(
 
     Examples
     --------
-    >>> table = pybivi.de.kinetic(model, groupby="program")  # doctest: +SKIP
+    >>> table = pybivi.tl.de.kinetic(model, groupby="program")  # doctest: +SKIP
     >>> table[table["call"] != "none"].groupby("group")["call"].value_counts()  # doctest: +SKIP
     """
     if method not in ("group", "pairs"):
@@ -375,13 +380,5 @@ def mean(
     return pd.concat(tables)
 
 
-# The figure-3 tables and plots live in pybivi.de_report and the ground-truth scores in
-# pybivi.de_truth (both build on the tests above); they stay reachable as pybivi.de.<name>.
-def __getattr__(name: str) -> Any:
-    if not name.startswith("_"):
-        from pybivi import de_report, de_truth
-
-        for module in (de_report, de_truth):
-            if name in module.__all__:
-                return getattr(module, name)
-    raise AttributeError(f"module 'pybivi.de' has no attribute {name!r}")
+# The figure-3 tables and plots live in pybivi.report and the ground-truth scores in
+# pybivi.datasets (both build on the tests above); they stay reachable as pybivi.tl.de.<name>.

@@ -1,7 +1,7 @@
 """The demo report's sections: figure 2 (embeddings, ARI, mixing entropy, comparison) and the
 recovery of the simulator's kinetics, built on :class:`pybivi.report.Report`.
 
-:func:`pybivi.pipeline.run_demo` calls these; they also work on any AnnData that carries
+:func:`pybivi.report.run_demo` calls these; they also work on any AnnData that carries
 the fitted models' representations in ``obsm["X_<Model>"]``.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from pybivi.report import Report, table_html
+from pybivi.report._html import Report, table_html
 
 __all__ = ["add_figure2", "kinetic_recovery", "add_kinetic_recovery"]
 
@@ -22,14 +22,14 @@ __all__ = ["add_figure2", "kinetic_recovery", "add_kinetic_recovery"]
 def _embeddings(adata, models, mask, method, quiet) -> dict[str, np.ndarray]:
     from tqdm.auto import tqdm
 
-    from pybivi import plotting
+    from pybivi import pl
 
     wanted = [m for m in ("BiVI", "ContrastiveBiVI", "ContrastiveVI") if m in models]
     if not wanted:
         wanted = list(models)[:2]
     out = {}
     for name in tqdm(wanted, desc=f"{method} embeddings", disable=quiet):
-        out[name] = plotting.embed(adata.obsm[f"X_{name}"][mask], method=method)
+        out[name] = pl.embed(adata.obsm[f"X_{name}"][mask], method=method)
     return out
 
 
@@ -99,7 +99,7 @@ def add_figure2(
     quiet
         Hide progress bars.
     """
-    from pybivi import plotting
+    from pybivi import pl
 
     display = display or {}
     report.add_section("Data and settings", intro + table_html(
@@ -117,7 +117,7 @@ def add_figure2(
                            f"{display.get(name, name)} {space}, by {key}"))
     figs = []
     if panels:
-        fig = plotting.embedding_grid(panels, ncols=max(1, len(colour_by)))
+        fig = pl.embedding_grid(panels, ncols=max(1, len(colour_by)))
         rows = "; ".join(
             f"row {i + 1}: {display.get(n, n)}" for i, n in enumerate(shown)
         )
@@ -133,7 +133,7 @@ def add_figure2(
                                  ("mixing_entropy", "figure2f_entropy.png",
                                   "entropy of phase mixing")):
         if metric in table and table[metric].notna().any():
-            fig = plotting.metric_bars(table, metric, order=models, labels=labels, ylabel=ylabel)
+            fig = pl.metric_bars(table, metric, order=models, labels=labels, ylabel=ylabel)
             bars.append((fig, name, f"{ylabel}: mean over seeds, bars = s.d., dots = seeds"))
     stats = table.groupby("model").agg(["mean", "std"]).drop(columns="seed", level=0)
     stats.columns = [f"{a} {b}" for a, b in stats.columns]
@@ -145,13 +145,13 @@ def add_figure2(
 
 def _compensatory_section(report, adata, purity, coords, obs, program_key, models, labels):
     """Programs whose only effect is kinetic: N+M models can tell them apart, M-only cannot."""
-    from pybivi import plotting
+    from pybivi import pl
 
     if not len(purity) or program_key is None:
         return
     kinds = dict(adata.uns.get("program_kinds", {}))
     comp = [p for p, k in kinds.items() if k == "compensatory"]
-    figs = [(plotting.purity_bars(purity.replace({"model": labels}),
+    figs = [(pl.purity_bars(purity.replace({"model": labels}),
                                   order=[labels[m] for m in models], kinds=kinds),
              "programs_purity.png",
              "Fraction of each perturbed cell's 15 nearest neighbours from its own program, "
@@ -169,7 +169,7 @@ def _compensatory_section(report, adata, purity, coords, obs, program_key, model
             names = " and ".join(labels[m] for m in pair)
             progs = obs[program_key].astype(str).to_numpy()
             panels = [(coords[m], progs, f"{labels[m]} salient") for m in pair]
-            figs.append((plotting.embedding_grid(panels, ncols=len(panels), highlight=comp),
+            figs.append((pl.embedding_grid(panels, ncols=len(panels), highlight=comp),
                          "compensatory_embeddings.png",
                          f"Compensatory programs highlighted (others grey) in the salient "
                          f"spaces of {names}."))
@@ -212,7 +212,8 @@ def kinetic_recovery(adata, program_key: str, control_mask: np.ndarray) -> pd.Da
 
 def add_kinetic_recovery(report: Report, adata, program_key: str, control_mask: np.ndarray):
     """Section comparing ContrastiveBiVI's kinetic shifts with the simulated truth."""
-    from pybivi import metrics, plotting
+    from pybivi import pl
+    from pybivi.tl import metrics
 
     rec = kinetic_recovery(adata, program_key, control_mask)
     kind_names = list(adata.uns["simulation"]["effect_kinds"])
@@ -231,7 +232,7 @@ def add_kinetic_recovery(report: Report, adata, program_key: str, control_mask: 
         (rec["true_gamma"].to_numpy(), rec["est_gamma"].to_numpy(), rec["kind"].to_numpy(),
          "relative degradation gamma/k"),
     ]
-    fig = plotting.truth_scatter(panels, kind_names)
+    fig = pl.truth_scatter(panels, kind_names)
     text = (
         "<p>Program-vs-control log2 change of ContrastiveBiVI's posterior-mean kinetic "
         "parameters (reference library, seed 0) against the simulator's truth, for every "

@@ -1,7 +1,7 @@
 """Group-level calls: three-way test, posterior FDR control and adaptive shrinkage.
 
-Pure functions on arrays, used by :mod:`pybivi.de_group` and re-exported by
-:mod:`pybivi.bayes_factors`: :func:`three_way_test` summarises posterior draws of log fold
+Pure functions on arrays, used by :mod:`pybivi.tl.de` and re-exported by
+:mod:`pybivi.tl.bayes_factors`: :func:`three_way_test` summarises posterior draws of log fold
 changes, :func:`fdr_calls` calls genes under posterior expected FDR control,
 :func:`shrink_lfc` fits an empirical-Bayes prior shared by all genes (Stephens 2017) and
 :func:`normal_mixture_tails` gives its exact tail probabilities. Tested against closed

@@ -5,7 +5,7 @@ for one or more seeds on a prepared AnnData, computes the paper's figure-2 metri
 (appendix D) on the perturbed cells, writes the representations and ContrastiveBiVI's
 kinetic parameters back into the AnnData, and writes the report folder (figure 2,
 the compensatory-program check, kinetic recovery on simulated data, figure 3 from
-:mod:`pybivi.de`, optionally a posterior-predictive check from :mod:`pybivi.ppc`).
+:mod:`pybivi.tl.de`, optionally a posterior-predictive check from :mod:`pybivi.tl.ppc`).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _evaluate(
     program_key: str | None, phase_key: str | None,
 ) -> tuple[dict[str, float], pd.Series | None]:
     """Appendix D metrics on the perturbed cells, and per-program neighbour purity."""
-    from pybivi import metrics
+    from pybivi.tl import metrics
 
     out: dict[str, float] = {}
     purity = None
@@ -115,8 +115,8 @@ def run_pipeline(
     """Fit every model for every seed, evaluate, and write the report folder.
 
     With ``differential``, the seed-0 models also give the paper's figure 3 (differential
-    tests of ``b`` and ``gamma/k`` against mean expression, :func:`pybivi.de.figure3`);
-    with ``predictive_check``, a posterior-predictive section (:func:`pybivi.ppc_report.section`).
+    tests of ``b`` and ``gamma/k`` against mean expression, :func:`pybivi.report.figure3`);
+    with ``predictive_check``, a posterior-predictive section (:func:`pybivi.report.ppc_section`).
 
     Writes ``out/index.html`` with figures beside it, ``out/metrics.json``,
     ``out/models/<Model>_seed<k>/`` and ``out/adata.h5ad`` (representations in
@@ -126,8 +126,8 @@ def run_pipeline(
     """
     import torch
 
-    from pybivi import report_sections as sections
-    from pybivi.report import Report
+    from pybivi.report import _sections as sections
+    from pybivi.report._html import Report
 
     threads = torch.get_num_threads()
     out.mkdir(parents=True, exist_ok=True)
@@ -242,10 +242,10 @@ def _summary(
 
 
 def _figure3(models: dict[str, Any], groupby: str, adata: Any) -> dict[str, Any]:
-    from pybivi import de
+    from pybivi.report._figure3 import figure3
 
     truth = adata if "simulation" in adata.uns else None
-    return de.figure3(
+    return figure3(
         models["ContrastiveBiVI"], scvi=models.get("SCVI"),
         contrastive_vi=models.get("ContrastiveVI"), groupby=groupby, reference="control",
         truth=truth,
@@ -253,12 +253,12 @@ def _figure3(models: dict[str, Any], groupby: str, adata: Any) -> dict[str, Any]
 
 
 def _predictive(model: Any, n_cells: int, max_cells: int = 500) -> dict[str, Any]:
-    from pybivi import ppc
+    from pybivi.tl import ppc
 
     # Replicates cost exact CME draws per cell and gene: check a random subset of cells.
     rng = np.random.default_rng(0)
     idx = np.sort(rng.choice(n_cells, size=min(n_cells, max_cells), replace=False))
-    from pybivi import ppc_report
+    from pybivi.report import _ppc as ppc_report
 
     return ppc_report.section(ppc.ppc(model, n_replicates=10, indices=idx))
 
@@ -269,7 +269,7 @@ def _optional_section(report: Any, title: str, key: str, build: Any) -> dict[str
     A failure here must not lose the fitted models and figure 2, so it is reported in
     the section (and returned for metrics.json) instead of raised.
     """
-    from pybivi.report import table_html
+    from pybivi.report._html import table_html
 
     try:
         result = build()

@@ -1,6 +1,6 @@
 """Where the differential tests read their draws: labels, group masks and pooled samples.
 
-Shared by :mod:`pybivi.de` (the pooled-pairs tests) and :mod:`pybivi.de_group` (the
+Shared by :mod:`pybivi.tl.de` (the pooled-pairs tests) and :mod:`pybivi.tl.de` (the
 group-level tests); a model is drawn from, an InferenceData is read.
 """
 

@@ -24,7 +24,9 @@ cell-cycle effects, ``varm`` the per gene and program log2 changes of ``b`` and
 ``gamma/k`` and the effect kind, ``uns["simulation"]`` the settings and tables.
 ``EFFECT_KINDS`` lists the codes of ``varm["effect_kind"]`` (an index into it) and
 ``PROGRAM_KINDS`` what a program may change. The simulator's building blocks are in
-``pybivi._simulation``.
+``pybivi.datasets._simulation``; the scoring of
+differential calls against the truth (:func:`truth_scores`, :func:`compensatory_summary`) in
+``pybivi.datasets._truth``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import anndata as ad
 import numpy as np
 import torch
 
-from pybivi._simulation import (
+from pybivi.datasets._simulation import (
     EFFECT_KINDS,
     PHASES,
     PROGRAM_KINDS,
@@ -54,8 +56,17 @@ from pybivi._simulation import (
     settings,
     to_anndata,
 )
+from pybivi.datasets._truth import compensatory_summary, program_strengths, truth_scores
 
-__all__ = ["simulate_perturbseq", "read", "EFFECT_KINDS", "PROGRAM_KINDS"]
+__all__ = [
+    "simulate_perturbseq",
+    "read",
+    "EFFECT_KINDS",
+    "PROGRAM_KINDS",
+    "truth_scores",
+    "program_strengths",
+    "compensatory_summary",
+]
 
 
 

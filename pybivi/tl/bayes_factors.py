@@ -1,8 +1,8 @@
-"""The Bayes-factor arithmetic behind :mod:`pybivi.de`, as pure functions on sample arrays.
+"""The Bayes-factor arithmetic behind :mod:`pybivi.tl.de`, as pure functions on sample arrays.
 
 Everything here takes posterior samples as ``(n_samples, n_genes)`` arrays and returns
-per-gene arrays; nothing draws from a model. :mod:`pybivi.de` draws the samples and
-assembles the tables, and re-exports these functions (``pybivi.de.kinetic_bayes_factors``
+per-gene arrays; nothing draws from a model. :mod:`pybivi.tl.de` draws the samples and
+assembles the tables, and re-exports these functions (``pybivi.tl.de.kinetic_bayes_factors``
 and so on). Tested against analytic cases in ``tests/test_de.py``.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-# The group-level maths lives in pybivi.shrinkage; re-exported here beside the pair tests.
-from pybivi.shrinkage import (
+# The group-level maths lives in pybivi.tl.bayes_factors; re-exported here beside the pair tests.
+from pybivi.tl._shrinkage import (
     HALF_COUNT,
     as_samples,
     fdr_calls,

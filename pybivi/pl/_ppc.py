@@ -1,4 +1,4 @@
-"""Figures of a posterior-predictive check (:mod:`pybivi.ppc`)."""
+"""Figures of a posterior-predictive check (:mod:`pybivi.tl.ppc`)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from pybivi.ppc import PPCResult
+    from pybivi.tl.ppc import PPCResult
 
-__all__ = ["plot_ppc", "plot_calibration"]
+__all__ = ["ppc", "calibration"]
 
 
-def plot_ppc(result: PPCResult, statistics: Sequence[str] | None = None):
+def ppc(result: PPCResult, statistics: Sequence[str] | None = None):
     """Observed versus replicated statistics: per gene (top) and their distributions (bottom).
 
     Top row: each gene's observed statistic against the replicates' mean, with a bar of
@@ -64,11 +64,11 @@ def plot_ppc(result: PPCResult, statistics: Sequence[str] | None = None):
     return fig
 
 
-def plot_calibration(result: PPCResult):
+def calibration(result: PPCResult):
     """Histograms of the per-gene posterior-predictive p-values, one panel per statistic.
 
     With ``R`` replicates a ``ppp`` takes the values ``k / R`` (and ``(k + 1/2) / R``
-    with ties), so the bins follow that grid (:func:`pybivi.ppc.calibration_bins`): each
+    with ties), so the bins follow that grid (:func:`pybivi.tl.ppc.calibration_bins`): each
     holds the same number of grid values, or a known number, and the height is the share
     of genes per grid value. A calibrated model gives a flat histogram at ``1 / (R + 1)``
     (the dashed line); mass piled at 0 or 1 means the observed statistic falls outside
@@ -76,7 +76,7 @@ def plot_calibration(result: PPCResult):
     """
     from matplotlib.figure import Figure
 
-    from pybivi.ppc import calibration_bins
+    from pybivi.tl.ppc import calibration_bins
 
     names = list(result.observed.columns)
     fig = Figure(figsize=(2.6 * len(names), 2.6), layout="constrained")

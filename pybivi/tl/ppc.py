@@ -387,20 +387,3 @@ def ppc(
                 replicated.add(None, x)
     genes = [str(g) for g in model.registry.var_names]
     return summarise(observed.finalize(), replicated.finalize(), genes)
-
-
-# Figures live in pybivi.ppc_plots and the report section in pybivi.ppc_report (both build
-# on this module); they stay reachable as pybivi.ppc.<name>, loaded on first use.
-_ELSEWHERE = {
-    "plot_ppc": "pybivi.ppc_plots",
-    "plot_calibration": "pybivi.ppc_plots",
-    "section": "pybivi.ppc_report",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _ELSEWHERE:
-        import importlib
-
-        return getattr(importlib.import_module(_ELSEWHERE[name]), name)
-    raise AttributeError(f"module 'pybivi.ppc' has no attribute {name!r}")
