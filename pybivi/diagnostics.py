@@ -2,7 +2,7 @@
 
 The shipped approximator of ``P(m | n)`` was trained on a box of kinetic parameters
 (:data:`pybivi.cme.domain.BOX`) and states up to :data:`pybivi.cme.domain.STATE_CAP`.
-Outside it, one of four rules takes over (:func:`pybivi.cme.approximator.domain_regions`);
+Outside it, one of four rules takes over (:func:`pybivi.cme.regions.domain_regions`);
 :func:`domain_table` evaluates the fitted model at its final parameters (posterior-mean
 latents, observed libraries) on every cell and gene and reports the share of ``(n, m)``
 pairs each rule handles. The counts are the same as the approximator's own tally, but
@@ -71,9 +71,9 @@ def domain_counts(
     -------
     tuple
         ``({region: int array (genes,)}, n_cells)``; regions are those of
-        :data:`pybivi.cme.approximator.DOMAIN_REGIONS` plus ``"inside"``.
+        :data:`pybivi.cme.regions.DOMAIN_REGIONS` plus ``"inside"``.
     """
-    from pybivi.cme.approximator import DOMAIN_REGIONS, domain_regions
+    from pybivi.cme.regions import DOMAIN_REGIONS, domain_regions
 
     module = model.module
     was_training = module.training
@@ -129,7 +129,7 @@ def domain_table(
     -------
     pandas.DataFrame
     """
-    from pybivi.cme.approximator import DOMAIN_REGIONS
+    from pybivi.cme.regions import DOMAIN_REGIONS
 
     if by not in ("region", "gene"):
         raise ValueError(f"by must be 'region' or 'gene', got {by!r}")

@@ -324,7 +324,8 @@ def test_bivi_backend_loads_and_approximates_inside_its_box():
 
 def _reference_log_prob(approx, nascent, mature, b, beta, gamma):
     """The straightforward all-autograd computation the fast path replaced (kept as the oracle)."""
-    from pybivi.cme.approximator import B_SMALL, STATE_CAP, moment_base
+    from pybivi.cme.approximator import STATE_CAP, moment_base
+    from pybivi.cme.regions import B_SMALL
 
     dtype = b.dtype
     ts = torch.broadcast_tensors(nascent, mature, b, beta, gamma)

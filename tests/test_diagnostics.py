@@ -9,13 +9,9 @@ import torch
 
 import pybivi
 from pybivi.cme import load_default_approximator
-from pybivi.cme.approximator import (
-    DEFAULT_WEIGHTS,
-    DOMAIN_REGIONS,
-    domain_regions,
-    load_approximator,
-)
+from pybivi.cme.approximator import DEFAULT_WEIGHTS, load_approximator
 from pybivi.cme.domain import STATE_CAP
+from pybivi.cme.regions import DOMAIN_REGIONS, domain_regions
 
 torch.set_num_threads(1)
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from pybivi.cme._parallel import chunk_bounds
-from pybivi.cme.approximator import B_SMALL, DEFAULT_WEIGHTS, load_approximator
+from pybivi.cme.approximator import DEFAULT_WEIGHTS, load_approximator
 from pybivi.cme.mixture import _BLOCK
+from pybivi.cme.regions import B_SMALL
 
 
 @pytest.fixture(autouse=True)
