@@ -7,12 +7,7 @@ small positive weight, because ``poutine.scale(0)`` is refused by Pyro. The plan
 Pyro's ``examples/svi_lightning.py``: the loss is ``differentiable_loss`` of the module's
 ``model`` and ``guide``, optimised by Lightning with plain Adam.
 
-Data parallelism: every epoch the training cells are shuffled with a generator seeded by
-``(seed, epoch)`` (the same on every process), and process ``r`` of ``N`` takes the
-``r``-th of ``N`` equal parts. The ``"cells"`` plate keeps the size of the full training
-set, so each process's minibatch ELBO is an unbiased estimate of the full-data ELBO and
-the average of the processes' gradients (what DDP computes) is one for the union of
-their minibatches.
+Data parallelism: see :mod:`pybivi.training_data`.
 """
 
 from __future__ import annotations
@@ -20,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
@@ -30,10 +25,11 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
+from pybivi.training_data import ShardedCells, rank_and_world
+
 __all__ = [
     "ElboTrainingPlan",
     "PlanSettings",
-    "ShardedCells",
     "evaluate_loss",
     "forget_params",
     "kl_schedule",
@@ -95,72 +91,6 @@ def _loss_sums(
     module.train(was_training)
     forget_params(module)
     return total, n
-
-
-def _rank_and_world(plan: L.LightningModule) -> tuple[int, int]:
-    trainer = getattr(plan, "_trainer", None)
-    if trainer is None:
-        return 0, 1
-    return int(trainer.global_rank), int(trainer.world_size)
-
-
-class ShardedCells:
-    """This process's training minibatches of the current epoch (an iterable for Lightning).
-
-    Parameters
-    ----------
-    cells
-        The training AnnData's :class:`pybivi.data.CellData`.
-    indices
-        Rows of the training cells.
-    batch_size
-        Cells per optimisation step over all processes; each of ``N`` processes takes
-        ``batch_size // N`` of them.
-    seed
-        Seed of the per-epoch shuffle (combined with the epoch number).
-    plan
-        The training plan: gives the process's rank and its device.
-    """
-
-    def __init__(
-        self, cells: Any, indices: np.ndarray, batch_size: int, seed: int, plan: L.LightningModule
-    ) -> None:
-        self.cells, self.indices = cells, np.asarray(indices, dtype=np.int64)
-        self.batch_size, self.seed, self.plan = int(batch_size), int(seed), plan
-        #: the epoch being trained (set by the plan when each epoch starts)
-        self.epoch = 0
-
-    def share(self, epoch: int) -> np.ndarray:
-        """Rows this process trains on in ``epoch`` (equal, disjoint shares over processes)."""
-        order = np.random.default_rng([self.seed, int(epoch)]).permutation(self.indices)
-        rank, world = _rank_and_world(self.plan)
-        if world == 1:
-            return order
-        # Equal shares keep the processes in step (each one runs the same number of steps);
-        # the up to world - 1 cells left over differ from epoch to epoch.
-        per = len(order) // world
-        return order[rank * per : (rank + 1) * per]
-
-    def _process_batch_size(self) -> int:
-        return max(1, self.batch_size // _rank_and_world(self.plan)[1])
-
-    def __len__(self) -> int:
-        _, world = _rank_and_world(self.plan)
-        n = len(self.indices) if world == 1 else len(self.indices) // world
-        size = self._process_batch_size()
-        full, rest = divmod(n, size)
-        return full + (1 if rest > 1 or (rest == 1 and n == 1) else 0)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        # A generator: Lightning may create the iterator before the epoch starts (it does
-        # when resuming), so the epoch's share is drawn at the first batch, not here.
-        yield from self.cells.iterate(
-            self.share(self.epoch),
-            self._process_batch_size(),
-            shuffle=False,
-            device=self.plan.device,
-            drop_singleton=True,
-        )
 
 
 @dataclasses.dataclass
@@ -259,7 +189,7 @@ class ElboTrainingPlan(L.LightningModule):
     def on_train_start(self) -> None:
         """Warm-up length, progress bar, and the random state (restored or seeded)."""
         self.warmup_steps = int(round(self.settings.kl_warmup_epochs * len(self.train_data)))
-        rank, world = _rank_and_world(self)
+        rank, world = rank_and_world(self)
         restored = self._rng_to_restore is not None and _set_rng_state(
             self._rng_to_restore, rank, world, self.device
         )
@@ -281,6 +211,7 @@ class ElboTrainingPlan(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         """History row, validation loss and the early-stopping decision (same on every rank)."""
+        self._average_buffers()
         sums = [self._epoch_loss, self._epoch_cells, *self._validation_sums()]
         train_sum, train_n, val_sum, val_n = self._sum_over_processes(sums)
         row = {
@@ -299,7 +230,9 @@ class ElboTrainingPlan(L.LightningModule):
         if self.settings.early_stopping and self.since_best >= self.settings.patience:
             self.trainer.should_stop = True
         # Once per epoch, for checkpoint callbacks (``monitor="monitored_loss"``).
-        self.log("monitored_loss", float(monitored), on_epoch=True, batch_size=1)
+        # (Equal on every process already; sync_dist only keeps Lightning from warning.)
+        distributed = rank_and_world(self)[1] > 1
+        self.log("monitored_loss", float(monitored), batch_size=1, sync_dist=distributed)
         if self._bar is not None:
             self._bar.set_postfix(elbo=f"{-row['train_loss']:.4g}", refresh=False)
             self._bar.update(1)
@@ -314,14 +247,33 @@ class ElboTrainingPlan(L.LightningModule):
         idx = self.validation_indices
         if not len(idx):
             return 0.0, 0
-        rank, world = _rank_and_world(self)
+        rank, world = rank_and_world(self)
         batches = self.cells.iterate(
             idx[rank::world], self.settings.validation_batch_size, device=self.device
         )
         return _loss_sums(self.module, batches, 1.0, self.settings.validation_particles)
 
+    def _average_buffers(self) -> None:
+        """Average the batch-norm running statistics over the processes.
+
+        DDP averages gradients, so parameters agree; each process's running statistics
+        follow its own minibatches instead. Their average (a statistic of all cells of the
+        epoch's last steps) gives every process the same model for evaluation.
+        """
+        if rank_and_world(self)[1] == 1:
+            return
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        for buffer in self.module.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer.data, op=dist.ReduceOp.SUM)
+                buffer.data /= world
+            else:
+                dist.broadcast(buffer.data, src=0)
+
     def _sum_over_processes(self, values: list[float]) -> list[float]:
-        if _rank_and_world(self)[1] == 1:
+        if rank_and_world(self)[1] == 1:
             return [float(v) for v in values]
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         return [float(v) for v in self.trainer.strategy.reduce(tensor, reduce_op="sum")]
@@ -374,7 +326,7 @@ def _gather_rng_state(plan: L.LightningModule) -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if plan.device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(plan.device)
-    if _rank_and_world(plan)[1] > 1:
+    if rank_and_world(plan)[1] > 1:
         for key in ("torch", "cuda"):
             if key in state:
                 gathered = plan.all_gather(state[key].to(plan.device))

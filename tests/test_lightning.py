@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import pybivi
-from pybivi.training_plan import ShardedCells
+from pybivi.training_data import ShardedCells
 
 SMALL = dict(batch_size=16, progress_bar=False, device="cpu", kl_warmup_epochs=2)
 
