@@ -178,7 +178,7 @@ def run_plan(
     with _quiet_lightning():
         trainer = _trainer(max_epochs, callbacks, trainer_options)
         tune_allocator()  # else glibc returns minibatch buffers to the kernel every step
-        trainer.fit(plan, ckpt_path=ckpt_path, weights_only=False)
+        trainer.fit(plan, ckpt_path=ckpt_path, weights_only=True)
     return trainer.strategy.root_device
 
 
@@ -263,6 +263,7 @@ def train_model(model: Any, cells: Any, **options: Any) -> pd.DataFrame:
         "accelerator": accelerator, "devices": devices, "strategy": options["strategy"],
         "num_nodes": int(options["num_nodes"]), "precision": options["precision"],
     }
+    model.module.train()  # earlier runs leave it in eval mode
     try:
         with diagnostics.quiet_backend(model.module):
             device = run_plan(
