@@ -177,6 +177,12 @@ def run_plan(
         )
     with _quiet_lightning():
         trainer = _trainer(max_epochs, callbacks, trainer_options)
+        world, batch_size = trainer.world_size, plan.train_data.batch_size
+        if world > 1 and batch_size // world < 2:
+            raise ValueError(
+                f"batch_size={batch_size} leaves fewer than 2 cells per step to each of the "
+                f"{world} processes; use batch_size >= {2 * world}"
+            )
         tune_allocator()  # else glibc returns minibatch buffers to the kernel every step
         trainer.fit(plan, ckpt_path=ckpt_path, weights_only=True)
     return trainer.strategy.root_device

@@ -111,6 +111,9 @@ def test_device_arguments_are_checked(make_adata):
         model.train(max_epochs=1, accelerator="abacus", **fast)
     with pytest.raises(TypeError, match="Callback"):
         model.train(max_epochs=1, callbacks=[print], **fast)
+    with pytest.raises(ValueError, match="fewer than 2 cells per step"):
+        model.train(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_notebook",
+                    **{**fast, "batch_size": 3})
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             model.train(max_epochs=1, accelerator="gpu", **fast)
