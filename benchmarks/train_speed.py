@@ -14,6 +14,11 @@ Run (defaults: 20,000 cells, 2,000 genes, 1 epoch)::
 
     .venv/bin/python benchmarks/train_speed.py [--cells N --genes G --epochs E]
 
+Before and after a change to pybivi (without scvi-tools): unpack the earlier commit with
+``git archive <commit> | tar -x -C /tmp/pybivi_base`` and run the script with
+``--skip-scvi`` under ``PYTHONPATH=/tmp/pybivi_base`` and under ``PYTHONPATH=$PWD``,
+alternately, a few times each.
+
 The time of an epoch is the wall time of ``train(max_epochs=E)`` divided by ``E``
 (data setup excluded, per-call overheads of both frameworks included); the process CPU
 time is printed too, as it is steadier than wall time on a busy machine. On a

@@ -1,169 +1,298 @@
-"""Minibatch stochastic variational inference for :class:`pybivi.module.ContrastiveModule`.
+"""Training of the pybivi models through PyTorch Lightning: devices, DDP, checkpoints.
 
-The objective is Pyro's ``TraceMeanField_ELBO`` (analytic Gaussian KLs, one particle),
-divided by the plate size so that the loss is per cell (as in scvi-tools, which keeps
-Adam's weight decay on the same scale as theirs). KL warm-up is linear per step from a
-small positive weight, because ``poutine.scale(0)`` is refused by Pyro.
+:func:`train_model` is the body of ``BaseModel.train``: it splits the cells, builds an
+:class:`pybivi.training_plan.ElboTrainingPlan` and runs it with a ``lightning.Trainer``
+on the requested accelerator, devices, strategy (e.g. ``"ddp"``) and precision, saving
+and resuming checkpoints on request. The objective and its pieces (:func:`kl_schedule`,
+:func:`evaluate_loss`, :func:`forget_params`) live in :mod:`pybivi.training_plan` and are
+reachable from here.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
+import contextlib
+import logging
+import warnings
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import pandas as pd
-import pyro
 import torch
-from pyro.infer import TraceMeanField_ELBO
-from tqdm.auto import tqdm
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from pybivi._allocator import tune_allocator
+from pybivi.training_plan import (
+    ElboTrainingPlan,
+    PlanSettings,
+    evaluate_loss,
+    forget_params,
+    kl_schedule,
+)
+
+__all__ = [
+    "evaluate_loss",
+    "forget_params",
+    "kl_schedule",
+    "resolve_accelerator",
+    "checkpoint_to_resume",
+    "run_plan",
+    "train_model",
+]
+
+#: the files pybivi writes in a ``checkpoint_dir``
+CHECKPOINT_FILES = ("last.ckpt", "best.ckpt")
+HISTORY_COLUMNS = ["epoch", "train_loss", "kl_weight", "validation_loss"]
 
 
-def kl_schedule(step: int, warmup_steps: int, min_weight: float = 1e-3) -> float:
-    """Linear KL weight: ``min_weight`` at step 0, 1 after ``warmup_steps`` steps."""
-    if warmup_steps <= 0:
-        return 1.0
-    return float(min(1.0, min_weight + (1.0 - min_weight) * step / warmup_steps))
+def resolve_accelerator(
+    device: str | torch.device | None, accelerator: str, devices: int | str | Sequence[int]
+) -> tuple[str, int | str | list[int]]:
+    """Lightning ``(accelerator, devices)`` from pybivi's ``device=`` or ``accelerator=``.
 
+    ``device="cuda:1"`` becomes ``("gpu", [1])``, ``"cpu"`` ``("cpu", 1)``; ``"auto"``
+    (as ``accelerator="auto"``) is the GPU when CUDA is available, else the CPU.
 
-def forget_params(module: torch.nn.Module) -> None:
-    """Drop ``module``'s entries from Pyro's global param store.
-
-    ``model``/``guide`` register the module with :func:`pyro.module` (so plain Pyro SVI
-    works), which keeps references in a process-wide store; the pybivi loop optimises
-    the module directly, so it removes them afterwards and old models can be freed.
+    Raises
+    ------
+    ValueError
+        Both arguments are given, an unknown accelerator, or a GPU without CUDA.
     """
-    name = getattr(module, "pyro_name", None)
-    if name is None:
-        return
-    store = pyro.get_param_store()
-    for key in [k for k in store.keys() if k.startswith(f"{name}$$$")]:
-        del store[key]
+    cuda = torch.cuda.is_available()
+    if device is not None and not (isinstance(device, str) and device == "auto"):
+        if accelerator != "auto":
+            raise ValueError("pass either device= or accelerator=/devices=, not both")
+        device = torch.device(device)
+        if device.type == "cpu":
+            return "cpu", 1
+        if device.type != "cuda":
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:index]', got {device}")
+        if not cuda:
+            raise ValueError("device='cuda' was requested but CUDA is not available")
+        return "gpu", [device.index or 0]
+    name = str(accelerator).lower()
+    name = "gpu" if name == "cuda" else name
+    if name == "auto":
+        name = "gpu" if cuda else "cpu"
+    if name not in ("cpu", "gpu"):
+        raise ValueError(f"accelerator must be 'auto', 'cpu' or 'gpu', got {accelerator!r}")
+    if name == "gpu" and not cuda:
+        raise ValueError("accelerator='gpu' (or 'cuda') was requested but CUDA is not available")
+    return name, devices
 
 
-def evaluate_loss(
-    module: torch.nn.Module,
-    batches: Iterable[dict[str, Any]],
-    kl_weight: float = 1.0,
-    n_particles: int = 1,
-) -> float:
-    """Negative ELBO per cell over ``batches`` (module in eval mode, no gradients).
+def checkpoint_to_resume(
+    checkpoint_dir: str | Path | None, resume: bool | str | Path
+) -> str | None:
+    """The checkpoint file to resume from, after checking that ``checkpoint_dir`` is ours.
 
-    ``n_particles`` latent draws per cell are averaged: the estimate's variance falls as
-    ``1 / n_particles`` (the KL terms are analytic; only the likelihood term is sampled).
+    ``checkpoint_dir`` may be new, empty or hold pybivi's ``last.ckpt``/``best.ckpt``
+    (only with ``resume``: a new run never replaces them). ``resume=True`` continues from
+    ``last.ckpt`` when there is one (a fresh start otherwise); a path resumes from that file.
+
+    Raises
+    ------
+    FileExistsError
+        ``checkpoint_dir`` holds other files, or checkpoints while ``resume`` is false.
+    FileNotFoundError, ValueError
+        ``resume`` names a missing file; ``resume=True`` without ``checkpoint_dir``.
     """
-    elbo = TraceMeanField_ELBO(num_particles=int(n_particles))
-    was_training = module.training
-    module.eval()
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for batch in batches:
-            size = len(batch["index"])
-            # loss / n_cells is the per-cell mean over this batch; weight it by its size.
-            loss = elbo.differentiable_loss(module.model, module.guide, batch, kl_weight)
-            total += float(loss) / module.n_cells * size
-            n += size
-    module.train(was_training)
-    forget_params(module)
-    return total / max(n, 1)
-
-
-def fit(
-    module: torch.nn.Module,
-    train_batches: Callable[[int], Iterable[dict[str, Any]]],
-    n_batches: int,
-    max_epochs: int,
-    lr: float,
-    weight_decay: float,
-    kl_warmup_epochs: float,
-    validation_batches: Callable[[], Iterable[dict[str, Any]]] | None = None,
-    early_stopping: bool = False,
-    patience: int = 10,
-    min_kl_weight: float = 1e-3,
-    progress_bar: bool = True,
-    validation_particles: int = 1,
-) -> pd.DataFrame:
-    """Train ``module`` with Adam and return the per-epoch history.
-
-    Parameters
-    ----------
-    module
-        The Pyro module (its ``model``/``guide`` take a batch and ``kl_weight``).
-    train_batches
-        ``train_batches(epoch)`` yields that epoch's shuffled training batches.
-    n_batches
-        Batches per epoch (for the warm-up schedule).
-    max_epochs, lr, weight_decay
-        Adam settings (paper: 100, 1e-3, 1e-6).
-    kl_warmup_epochs
-        Epochs of linear KL warm-up (0 disables it).
-    validation_batches
-        Yields validation batches; their loss is the full (``kl_weight = 1``) negative ELBO.
-    early_stopping, patience
-        Stop when the monitored loss (validation if any, else training) has not improved
-        for ``patience`` epochs after the warm-up.
-    min_kl_weight
-        First KL weight of the warm-up (must be positive).
-    progress_bar
-        Show a tqdm bar with the current ELBO per cell.
-    validation_particles
-        Latent draws per cell of the validation loss.
-
-    Returns
-    -------
-    pandas.DataFrame
-        One row per epoch: ``epoch``, ``train_loss`` (the optimised, warm-up weighted
-        negative ELBO per cell), ``kl_weight`` and ``validation_loss`` (NaN without
-        validation cells).
-    """
-    tune_allocator()  # else glibc returns minibatch buffers to the kernel every step
-    elbo = TraceMeanField_ELBO(num_particles=1)
-    optimizer = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
-    warmup_steps = int(round(kl_warmup_epochs * n_batches))
-    rows: list[dict[str, float]] = []
-    best, since_best, step = math.inf, 0, 0
-    bar = tqdm(range(max_epochs), disable=not progress_bar, desc="training", unit="epoch")
-    for epoch in bar:
-        module.train()
-        losses, sizes = [], []
-        for batch in train_batches(epoch):
-            kl_weight = kl_schedule(step, warmup_steps, min_kl_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss = elbo.differentiable_loss(module.model, module.guide, batch, kl_weight)
-            loss = loss / module.n_cells
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"the loss became {float(loss)} at epoch {epoch}; try a smaller lr or check "
-                    "that the counts are raw and every cell has a positive library size"
-                )
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            sizes.append(len(batch["index"]))
-            step += 1
-        row = {
-            "epoch": epoch,
-            "train_loss": float(np.average(losses, weights=sizes)) if losses else math.nan,
-            "kl_weight": kl_schedule(step, warmup_steps, min_kl_weight),
-            "validation_loss": math.nan,
-        }
-        if validation_batches is not None:
-            row["validation_loss"] = evaluate_loss(
-                module, validation_batches(), n_particles=validation_particles
+    if checkpoint_dir is not None:
+        folder = Path(checkpoint_dir)
+        if folder.exists() and not folder.is_dir():
+            raise FileExistsError(f"checkpoint_dir {folder} is a file, not a directory")
+        names = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+        foreign = [n for n in names if n not in CHECKPOINT_FILES]
+        if foreign:
+            raise FileExistsError(
+                f"checkpoint_dir {folder} holds files pybivi did not write ({foreign[:5]}); "
+                "choose an empty or new directory so that nothing of yours is overwritten"
             )
-        rows.append(row)
-        monitored = row["validation_loss"] if validation_batches is not None else row["train_loss"]
-        bar.set_postfix(elbo=f"{-row['train_loss']:.4g}", refresh=False)
-        if monitored < best:
-            best, since_best = monitored, 0
-        elif step >= warmup_steps:
-            # During warm-up the optimised loss rises with the KL weight: not a plateau.
-            since_best += 1
-        if early_stopping and since_best >= patience:
-            break
-    module.eval()
-    forget_params(module)
-    return pd.DataFrame(rows)
+        if names and resume is False:
+            raise FileExistsError(
+                f"checkpoint_dir {folder} holds checkpoints of an earlier run ({names}); pass "
+                "resume=True to continue it, or choose another directory"
+            )
+    if resume is True:
+        if checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir= (or pass resume=<checkpoint path>)")
+        last = Path(checkpoint_dir) / "last.ckpt"
+        return str(last) if last.exists() else None
+    if resume is False or resume is None:
+        return None
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} (resume=)")
+    return str(path)
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Lightning's start-up messages and advice that does not apply to in-memory batches."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            for message in (
+                ".*does not have many workers.*",
+                ".*Checkpoint directory.*exists.*",
+                ".*isinstance.treespec, LeafSpec.*",
+            ):
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def run_plan(
+    plan: ElboTrainingPlan,
+    max_epochs: int,
+    trainer_options: dict[str, Any],
+    callbacks: Sequence[Callback] = (),
+    checkpoint_dir: str | Path | None = None,
+    resume: bool | str | Path = False,
+) -> torch.device:
+    """Fit ``plan`` with a ``lightning.Trainer``; return the device the weights should live on.
+
+    ``trainer_options`` are ``accelerator``, ``devices``, ``strategy``, ``num_nodes`` and
+    ``precision``. After ``ddp_spawn`` Lightning loads rank 0's weights (and, through
+    :meth:`~pybivi.training_plan.ElboTrainingPlan.get_extra_state`, the history) into
+    ``plan`` in this process.
+    """
+    ckpt_path = checkpoint_to_resume(checkpoint_dir, resume)
+    callbacks = list(callbacks)
+    if checkpoint_dir is not None:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=str(checkpoint_dir), filename="best", monitor="monitored_loss",
+                mode="min", save_top_k=1, save_last=True, save_on_train_epoch_end=True,
+                enable_version_counter=False,
+            )
+        )
+    with _quiet_lightning():
+        trainer = _trainer(max_epochs, callbacks, trainer_options)
+        world, batch_size = trainer.world_size, plan.train_data.batch_size
+        if world > 1 and batch_size // world < 2:
+            raise ValueError(
+                f"batch_size={batch_size} leaves fewer than 2 cells per step to each of the "
+                f"{world} processes; use batch_size >= {2 * world}"
+            )
+        tune_allocator()  # else glibc returns minibatch buffers to the kernel every step
+        trainer.fit(plan, ckpt_path=ckpt_path, weights_only=True)
+    return trainer.strategy.root_device
+
+
+def _trainer(
+    max_epochs: int, callbacks: list[Callback], trainer_options: dict[str, Any]
+) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,  # the plan shows one bar per run, updated per epoch
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the plan shares the cells out itself
+        **trainer_options,
+    )
+
+
+def _split(n_cells: int, validation_fraction: float, seed: int, split_seed: int | None):
+    rng = np.random.default_rng(seed if split_seed is None else split_seed)
+    order = rng.permutation(n_cells)
+    n_val = int(round(validation_fraction * n_cells))
+    if n_val and n_cells - n_val < 2:
+        raise ValueError("too few cells left for training after the validation split")
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    if options["max_epochs"] < 1 or options["batch_size"] < 1:
+        raise ValueError("max_epochs and batch_size must be >= 1")
+    if not 0.0 <= options["validation_fraction"] < 1.0:
+        raise ValueError(
+            f"validation_fraction must be in [0, 1), got {options['validation_fraction']}"
+        )
+    if int(options["validation_particles"]) < 1:
+        raise ValueError(
+            f"validation_particles must be >= 1, got {options['validation_particles']}"
+        )
+    callbacks = options["callbacks"]
+    if callbacks is not None and not all(isinstance(c, Callback) for c in callbacks):
+        raise TypeError("callbacks must be a list of lightning.pytorch.callbacks.Callback objects")
+
+
+def train_model(model: Any, cells: Any, **options: Any) -> pd.DataFrame:
+    """Train a pybivi model (the body of ``BaseModel.train``; see there for ``options``).
+
+    ``cells`` is the :class:`pybivi.data.CellData` of the model's training AnnData.
+    """
+    from pybivi import diagnostics
+
+    if options["validation_fraction"] is None:
+        options["validation_fraction"] = 0.1 if options["early_stopping"] else 0.0
+    if options["kl_warmup_epochs"] is None:
+        options["kl_warmup_epochs"] = max(1, options["max_epochs"] // 4)
+    _check_options(options)
+    accelerator, devices = resolve_accelerator(
+        options["device"], options["accelerator"], options["devices"]
+    )
+    seed, batch_size = int(options["seed"]), int(options["batch_size"])
+    train_idx, val_idx = _split(
+        model.registry.n_cells, options["validation_fraction"], seed, options["split_seed"]
+    )
+    settings = PlanSettings(
+        lr=options["lr"], weight_decay=options["weight_decay"],
+        kl_warmup_epochs=options["kl_warmup_epochs"], min_kl_weight=options["min_kl_weight"],
+        early_stopping=options["early_stopping"], patience=options["early_stopping_patience"],
+        seed=seed, validation_particles=int(options["validation_particles"]),
+        validation_batch_size=max(batch_size, 512), progress_bar=options["progress_bar"],
+        fingerprint={
+            "model": type(model).__name__, "module": type(model.module).__qualname__,
+            "n_cells": int(model.registry.n_cells), "n_genes": int(model.registry.n_genes),
+            "seed": seed, "batch_size": batch_size,
+            "train_cells": zlib.crc32(train_idx.astype(np.int64).tobytes()),
+        },
+    )
+    previous = model.history.to_dict("records") if len(model.history) else []
+    plan = ElboTrainingPlan(
+        model.module, cells, train_idx, val_idx, batch_size, settings, previous
+    )
+    trainer_options = {
+        "accelerator": accelerator, "devices": devices, "strategy": options["strategy"],
+        "num_nodes": int(options["num_nodes"]), "precision": options["precision"],
+    }
+    model.module.train()  # earlier runs leave it in eval mode
+    try:
+        with diagnostics.quiet_backend(model.module):
+            device = run_plan(
+                plan, options["max_epochs"], trainer_options, options["callbacks"] or (),
+                options["checkpoint_dir"], options["resume"],
+            )
+    finally:
+        model.module.eval()
+        forget_params(model.module)
+    model.to(device)
+    model.train_indices, model.validation_indices = train_idx, val_idx
+    model.history = _history(plan.previous_history, plan.rows)
+    model.is_trained = True
+    diagnostics.after_training(model)
+    return model.history
+
+
+def _history(previous: list[dict[str, Any]], rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Earlier runs' rows, then this run's with epochs numbered on from them."""
+    before = pd.DataFrame(previous, columns=HISTORY_COLUMNS)
+    now = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+    if len(before):
+        now["epoch"] += int(before["epoch"].max()) + 1
+    out = pd.concat([before, now], ignore_index=True) if len(before) else now
+    out["epoch"] = out["epoch"].astype(int)
+    return out

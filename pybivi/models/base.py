@@ -14,14 +14,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyro
 import torch
 from pyro import poutine
 
 from pybivi import data as _data
 from pybivi import diagnostics as _diagnostics
 from pybivi.module import ContrastiveModule
-from pybivi.training import evaluate_loss, fit
+from pybivi.training import evaluate_loss, train_model
 
 __all__ = ["BaseModel"]
 
@@ -241,31 +240,45 @@ class BaseModel:
         kl_warmup_epochs: float | None = None,
         seed: int = 0,
         progress_bar: bool = True,
-        device: str | torch.device = "auto",
+        device: str | torch.device | None = None,
         early_stopping: bool = False,
         validation_fraction: float | None = None,
         early_stopping_patience: int = 10,
         min_kl_weight: float = 1e-3,
         split_seed: int | None = None,
         validation_particles: int = 1,
+        accelerator: str = "auto",
+        devices: int | str | Sequence[int] = 1,
+        strategy: Any = "auto",
+        num_nodes: int = 1,
+        precision: str | int = "32-true",
+        callbacks: Sequence[Any] | None = None,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool | str | Path = False,
     ) -> pd.DataFrame:
-        """Fit by minibatch SVI (paper appendix C defaults).
+        """Fit by minibatch SVI through PyTorch Lightning (paper appendix C defaults).
 
         Parameters
         ----------
         max_epochs, batch_size, lr, weight_decay
-            Adam on minibatches of cells (paper: 100, 128, 1e-3, 1e-6).
+            Adam on minibatches of cells (paper: 100, 128, 1e-3, 1e-6). ``batch_size``
+            counts the cells of one optimisation step over all processes: with ``N``
+            processes each takes ``batch_size // N``, so the number of steps per epoch
+            and the gradient noise do not depend on ``N``. With ``resume``,
+            ``max_epochs`` counts the epochs before the checkpoint too.
         kl_warmup_epochs
             Length of the linear KL warm-up in epochs; default ``max_epochs // 4``
             (at least 1), so it grows with ``max_epochs``: pass a number to keep the same
             warm-up when comparing runs of different lengths. ``0`` disables it.
         seed
-            Seeds minibatch order, the reparameterised draws and, unless ``split_seed``
-            is given, the validation split.
+            Seeds minibatch order (a shuffle per epoch from ``(seed, epoch)``), the
+            reparameterised draws and, unless ``split_seed`` is given, the validation split.
         progress_bar
-            Show a tqdm bar with the ELBO per cell.
+            Show a tqdm bar with the ELBO per cell, one tick per epoch.
         device
-            ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+            Shorthand kept from earlier versions: ``"auto"`` (CUDA when available),
+            ``"cpu"``, ``"cuda"`` or ``"cuda:<index>"`` (one device). Do not combine it
+            with ``accelerator``.
         early_stopping, early_stopping_patience
             Stop when the validation (else training) loss has not improved for that many epochs.
         validation_fraction
@@ -279,66 +292,51 @@ class BaseModel:
         validation_particles
             Particles (latent draws per cell) of the validation loss; more particles
             lower its noise (variance about ``1 / validation_particles``).
+        accelerator
+            ``"auto"`` (a GPU when CUDA is available, else the CPU), ``"cpu"`` or ``"gpu"``.
+        devices
+            Devices per node: a number (on the CPU, the number of processes), a list of
+            GPU indices, or ``"auto"`` (every GPU). More than one needs a data-parallel
+            ``strategy``.
+        strategy
+            Lightning strategy: ``"auto"`` (one device), ``"ddp"`` (one process per device;
+            the script is started again for each extra process), ``"ddp_spawn"`` or
+            ``"ddp_notebook"`` (processes forked from this one, e.g. in Jupyter), or a
+            ``lightning.pytorch.strategies.Strategy`` object. The CPU uses the gloo backend,
+            GPUs nccl.
+        num_nodes
+            Machines taking part (with a cluster launcher such as SLURM or ``torchrun``).
+        precision
+            Lightning precision, e.g. ``"32-true"`` (default) or ``"bf16-mixed"``.
+        callbacks
+            Extra ``lightning.pytorch.callbacks.Callback`` objects.
+        checkpoint_dir
+            Directory for checkpoints, written after every epoch: ``last.ckpt`` and
+            ``best.ckpt`` (lowest validation, else training, loss). It must be new, empty
+            or hold pybivi checkpoints only (these are replaced only with ``resume``).
+        resume
+            ``True``: continue from ``checkpoint_dir/last.ckpt`` when it exists (weights,
+            optimiser, epoch, history, random state); a path: continue from that file.
+            The seed, batch size, data and validation split must be those of the run
+            that wrote it.
 
         Returns
         -------
         pandas.DataFrame
-            ``self.history`` (appended to on repeated calls).
+            ``self.history`` (appended to on repeated calls): ``epoch``, ``train_loss``
+            (the optimised, warm-up weighted negative ELBO per cell), ``kl_weight`` and
+            ``validation_loss`` (NaN without validation cells).
+
+        Raises
+        ------
+        ValueError
+            Invalid settings; a GPU without CUDA; a checkpoint of another model or set-up.
+        FileExistsError
+            ``checkpoint_dir`` holds other files, or checkpoints while ``resume`` is false.
         """
-        if max_epochs < 1 or batch_size < 1:
-            raise ValueError("max_epochs and batch_size must be >= 1")
-        if validation_fraction is None:
-            validation_fraction = 0.1 if early_stopping else 0.0
-        if not 0.0 <= validation_fraction < 1.0:
-            raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
-        if kl_warmup_epochs is None:
-            kl_warmup_epochs = max(1, max_epochs // 4)
-        if int(validation_particles) < 1:
-            raise ValueError(f"validation_particles must be >= 1, got {validation_particles}")
-        self.to(device)
-        pyro.set_rng_seed(seed)
-        rng = np.random.default_rng(seed)
-        split_rng = rng if split_seed is None else np.random.default_rng(split_seed)
-        order = split_rng.permutation(self.registry.n_cells)
-        n_val = int(round(validation_fraction * len(order)))
-        if n_val and len(order) - n_val < 2:
-            raise ValueError("too few cells left for training after the validation split")
-        val_idx, train_idx = np.sort(order[:n_val]), order[n_val:]
-        self.train_indices, self.validation_indices = np.sort(train_idx), val_idx
-        cells, device_ = self._cells, self.device
-
-        def train_batches(epoch: int):
-            return cells.iterate(
-                train_idx, batch_size, shuffle=True, rng=rng, device=device_, drop_singleton=True
-            )
-
-        def validation_batches():
-            return cells.iterate(val_idx, max(batch_size, 512), device=device_)
-
-        n_batches = sum(1 for s in range(0, len(train_idx), batch_size) if len(train_idx) - s > 1)
-        with _diagnostics.quiet_backend(self.module):
-            history = fit(
-                self.module,
-                train_batches,
-                n_batches=max(n_batches, 1),
-                max_epochs=max_epochs,
-                lr=lr,
-                weight_decay=weight_decay,
-                kl_warmup_epochs=kl_warmup_epochs,
-                validation_batches=validation_batches if n_val else None,
-                early_stopping=early_stopping,
-                patience=early_stopping_patience,
-                min_kl_weight=min_kl_weight,
-                progress_bar=progress_bar,
-                validation_particles=int(validation_particles),
-            )
-        if len(self.history):
-            history["epoch"] += int(self.history["epoch"].max()) + 1
-            history = pd.concat([self.history, history], ignore_index=True)
-        self.history = history
-        self.is_trained = True
-        _diagnostics.after_training(self)
-        return self.history
+        options = dict(locals())
+        del options["self"]
+        return train_model(self, cells=self._cells, **options)
 
     def elbo(
         self,
