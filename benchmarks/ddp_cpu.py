@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import time
 
+import docs_output
+
 import pybivi
 from pybivi.datasets import simulate_perturbseq
 
@@ -62,4 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    docs_output.run(main)

@@ -3,7 +3,7 @@
 Simulates a screen (``pybivi.datasets.simulate_perturbseq``, default 20,000 cells x 2,000
 genes), trains ContrastiveBiVI (bursty scheme) with ``accelerator="gpu"`` for a few
 epochs, draws the posterior of a subset of cells (``model.posterior``), runs
-``pybivi.de.kinetic`` and prints seconds per epoch, peak GPU memory
+``pybivi.tl.de.kinetic`` and prints seconds per epoch, peak GPU memory
 (``torch.cuda.max_memory_allocated``) and, when scvi-tools is importable, scvi-tools'
 ContrastiveVI seconds per epoch on the same cells (mature counts). Run on a GPU machine::
 
@@ -21,6 +21,7 @@ import importlib.util
 import sys
 import time
 
+import docs_output
 import numpy as np
 import torch
 
@@ -81,7 +82,7 @@ def main() -> None:
     print(f"posterior: {dict(idata.posterior.sizes)} in {time.perf_counter() - start:.1f} s")
 
     start = time.perf_counter()
-    calls = pybivi.de.kinetic(model, groupby="program")
+    calls = pybivi.tl.de.kinetic(model, groupby="program")
     print(f"de.kinetic: {len(calls)} rows in {time.perf_counter() - start:.1f} s")
     if gpu:
         peak = torch.cuda.max_memory_allocated() / 2**30
@@ -95,4 +96,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    docs_output.run(main)
