@@ -18,7 +18,8 @@ it prints:
   or ``gamma/k``; :func:`pybivi.datasets.truth_scores`, ``strength="mean"``), with the
   defaults: the mixture model tests its responders (probability > 0.5), the normal one every
   cell. ``normal+oracle`` tests the normal fit on the true responders, ``mixture+soft``
-  the mixture fit with its probabilities as weights;
+  the mixture fit with its probabilities as weights, ``mixture+top_share`` with the share
+  ``w_c`` of each label's cells of highest probability as responders;
 * ``share_undecided`` (mixture): the share of perturbed cells with a probability in
   (0.1, 0.9); ``called_escapers``: the share at or below 0.5;
 * ``s_per_epoch`` and ``cpu_s_per_epoch``: training wall and process CPU seconds per
@@ -109,6 +110,21 @@ def kinetic_scores(model, adata, responders=None, weights=None) -> pd.DataFrame:
     return scores[scores["target"] == "any"].set_index("program")[["precision", "recall"]]
 
 
+def top_share_responders(model, adata) -> np.ndarray:
+    """Per label, the learned share ``w_c`` of its cells with the highest probabilities."""
+    prob = model.get_perturbation_probability()
+    share = torch.sigmoid(model.module.responder_logits).detach().cpu().numpy()
+    labels = adata.obs["perturbation"].astype(str).to_numpy()
+    keep = np.ones(adata.n_obs, dtype=bool)
+    for k, label in enumerate(model.registry.labels):
+        if label in model.registry.control_labels:
+            continue
+        cells = np.flatnonzero(labels == label)
+        n_drop = int(round((1.0 - share[k]) * cells.size))
+        keep[cells[np.argsort(prob[cells])[:n_drop]]] = False
+    return keep
+
+
 def evaluate(model, adata, prior: str, timing: dict, responders=None, weights=None) -> dict:
     from pybivi.tl.metrics import program_ari
 
@@ -155,6 +171,10 @@ def main() -> None:
                 soft = model.get_perturbation_probability()
                 results[(tag, "mixture+soft")] = evaluate(
                     model, adata, prior, timing, weights=soft
+                )
+                top = top_share_responders(model, adata)
+                results[(tag, "mixture+top_share")] = evaluate(
+                    model, adata, prior, timing, responders=top
                 )
     summary = pd.DataFrame(
         {
