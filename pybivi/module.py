@@ -63,10 +63,23 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from pybivi.nn import FrequencyDecoder, GaussianEncoder
 
 LIKELIHOODS = ("cme", "nb", "zinb")
+SALIENT_PRIORS = ("label", "standard", "mixture")
+
+
+def _responder_escaper_mixture(loc: Tensor, responder_logit: Tensor) -> dist.Distribution:
+    """``w Normal(loc, I) + (1 - w) Normal(0, I)`` per cell, ``w = sigmoid(responder_logit)``."""
+    # Component 0 responds, component 1 escapes; log w and log(1 - w) stay finite.
+    mixing = dist.Categorical(
+        logits=torch.stack([F.logsigmoid(responder_logit), F.logsigmoid(-responder_logit)], -1)
+    )
+    locs = torch.stack([loc, torch.zeros_like(loc)], dim=-2)
+    components = dist.Normal(locs, torch.ones_like(locs)).to_event(1)
+    return dist.MixtureSameFamily(mixing, components, validate_args=False)
 
 
 def _library(library: Tensor | float, like: Tensor) -> Tensor:
@@ -99,7 +112,10 @@ class ContrastiveModule(nn.Module):
         Reaction scheme name or object for ``likelihood="cme"``.
     salient_prior
         ``"label"``: ``t ~ Normal(mu_c, I)`` with a learned mean per label (ContrastiveBiVI);
-        ``"standard"``: ``t ~ Normal(0, I)`` (contrastiveVI as in scvi-tools).
+        ``"standard"``: ``t ~ Normal(0, I)`` (contrastiveVI as in scvi-tools);
+        ``"mixture"`` (beyond the paper): ``t ~ w_c Normal(mu_c, I) + (1 - w_c) Normal(0, I)``,
+        a responder and an escaper component with a learned responder probability
+        ``w_c = sigmoid(responder_logits[c])`` per label (see :meth:`responder_probability`).
     """
 
     def __init__(
@@ -118,11 +134,13 @@ class ContrastiveModule(nn.Module):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
-        if salient_prior not in ("label", "standard"):
-            raise ValueError(f"salient_prior must be 'label' or 'standard', got {salient_prior!r}")
+        if salient_prior not in SALIENT_PRIORS:
+            raise ValueError(
+                f"salient_prior must be one of {SALIENT_PRIORS}, got {salient_prior!r}"
+            )
         if n_background < 1 or n_salient < 0 or n_hidden < 1:
             raise ValueError("need n_background >= 1, n_salient >= 0 and n_hidden >= 1")
-        if n_salient > 0 and salient_prior == "label" and n_labels < 1:
+        if n_salient > 0 and salient_prior != "standard" and n_labels < 1:
             raise ValueError("salient latents with per-label means need at least one label")
         self.n_genes, self.n_labels, self.n_cells = int(n_genes), int(n_labels), int(n_cells)
         self.n_background, self.n_salient = int(n_background), int(n_salient)
@@ -142,8 +160,12 @@ class ContrastiveModule(nn.Module):
             n_background + n_salient, n_genes, self.species, n_hidden, likelihood == "zinb"
         )
         self.log_theta = nn.Parameter(torch.zeros(n_genes))
-        n_means = n_labels if (n_salient and salient_prior == "label") else 0
+        n_means = n_labels if (n_salient and salient_prior != "standard") else 0
         self.salient_means = nn.Parameter(torch.zeros(n_means, n_salient))
+        if n_salient and salient_prior == "mixture":
+            # Registered only for the mixture, so that other modules keep their state dict.
+            # Logit 0 (w = 0.5): while mu_c is still near 0 the two components coincide.
+            self.responder_logits = nn.Parameter(torch.zeros(n_labels))
         # A unique name keeps two modules' parameters apart in Pyro's global param store.
         self.pyro_name = f"pybivi_{uuid.uuid4().hex[:8]}"
 
@@ -203,18 +225,52 @@ class ContrastiveModule(nn.Module):
         loc = batch["x_mature"].new_zeros(batch["x_mature"].shape[0], self.n_background)
         return dist.Normal(loc, torch.ones_like(loc)).to_event(1)
 
+    def _salient_label(self, batch: dict[str, Tensor]) -> Tensor:
+        """Each cell's label row; controls' (possibly unknown) labels clamped to a valid row."""
+        label = batch["label"]
+        if bool(((label < 0) & ~batch["is_control"]).any()):
+            raise ValueError("a perturbed cell carries a label the model was not trained on")
+        return label.clamp(min=0)  # controls are masked out
+
     def salient_prior(self, batch: dict[str, Tensor]) -> dist.Distribution:
-        """``p(t | c) = Normal(mu_c, I)``, or ``Normal(0, I)`` if ``salient_prior="standard"``."""
+        """``p(t | c) = Normal(mu_c, I)``, or ``Normal(0, I)`` if ``salient_prior="standard"``.
+
+        With ``salient_prior="mixture"``, ``w_c Normal(mu_c, I) + (1 - w_c) Normal(0, I)``:
+        it has no closed-form KL to the guide's normal, so ``TraceMeanField_ELBO`` estimates
+        that one term by Monte Carlo (``log q(t) - log p(t)`` at the sampled ``t``) and keeps
+        the other KLs analytic.
+        """
         n = batch["x_mature"].shape[0]
         if self.salient_prior_kind == "standard":
             loc = batch["x_mature"].new_zeros(n, self.n_salient)
-        else:
-            label = batch["label"]
-            if bool(((label < 0) & ~batch["is_control"]).any()):
-                raise ValueError("a perturbed cell carries a label the model was not trained on")
-            # Controls are masked out; clamp their (possibly unknown) labels to a valid row.
-            loc = self.salient_means[label.clamp(min=0)]
+            return dist.Normal(loc, torch.ones_like(loc)).to_event(1)
+        label = self._salient_label(batch)
+        loc = self.salient_means[label]
+        if self.salient_prior_kind == "mixture":
+            return _responder_escaper_mixture(loc, self.responder_logits[label])
         return dist.Normal(loc, torch.ones_like(loc)).to_event(1)
+
+    def responder_probability(self, t: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """Posterior probability that ``t`` came from the responder component (mixture prior).
+
+        ``w_c N(t; mu_c, I) / (w_c N(t; mu_c, I) + (1 - w_c) N(t; 0, I))`` per cell, for
+        ``t`` of shape ``(..., B, n_salient)``; controls get 0 (they are not perturbed).
+
+        Raises
+        ------
+        ValueError
+            The module was not built with ``salient_prior="mixture"``.
+        """
+        if self.salient_prior_kind != "mixture" or not self.n_salient:
+            raise ValueError(
+                "responder probabilities need a model built with salient_prior='mixture'"
+            )
+        label = self._salient_label(batch)
+        loc, logit = self.salient_means[label], self.responder_logits[label]
+        # log N(t; mu, I) - log N(t; 0, I) = mu.t - |mu|^2 / 2 (the normalisers cancel).
+        log_ratio = (t * loc).sum(-1) - 0.5 * (loc * loc).sum(-1)
+        prob = torch.sigmoid(logit + log_ratio)
+        return torch.where(batch["is_control"], torch.zeros_like(prob), prob)
 
     def likelihood_dist(self, decoded: dict[str, Tensor]) -> dist.Distribution:
         """Law of one cell's counts given the decoder output (event over genes)."""

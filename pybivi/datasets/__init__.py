@@ -31,7 +31,7 @@ differential calls against the truth (:func:`truth_scores`, :func:`compensatory_
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from pybivi.datasets._simulation import (
     cell_cycle_effects,
     cell_design,
     cell_kinetics,
+    draw_responders,
     gene_effects,
     gene_truth,
     log_uniform,
@@ -97,6 +98,7 @@ def simulate_perturbseq(
     doublet_fraction: float = 0.02,
     chunk_cells: int = 1000,
     progress_bar: bool = False,
+    escape_fraction: float | Mapping[str, float] = 0.0,
 ) -> ad.AnnData:
     """Simulate a bimodal CRISPR screen with known kinetics (exact CME draws).
 
@@ -155,6 +157,17 @@ def simulate_perturbseq(
         Cells per call of the sampler (bounds memory).
     progress_bar
         Show a tqdm bar over the chunks.
+    escape_fraction
+        Share of the cells of each targeting perturbation that escape it (carry the
+        guide, keep their label and program, show no effect), as CRISPRi/a cells with
+        too little knock-down do; a number for every perturbation or a mapping from
+        perturbation label to share (missing labels: 0). Beyond the ContrastiveBiVI
+        paper's simulation. When positive, ``obs["responder"]`` records which cells
+        respond (controls: ``False``; a doublet responds when either cell does) and
+        ``uns["simulation"]["escape_fraction"]`` the shares. The escapers are drawn from
+        a generator of their own, so the design (labels, phases, capture, kinetics of
+        every other cell) equals the screen without them; the counts are fresh draws.
+        The default 0 gives exactly the data of earlier releases for the same seed.
 
     Returns
     -------
@@ -194,13 +207,15 @@ def simulate_perturbseq(
         capture_median, capture_sigma,
     )
     pert_idx, phase_idx = design["perturbation"], design["phase"]
+    names = table["perturbation"].to_numpy()
+    escape = dict(escape_fraction) if isinstance(escape_fraction, Mapping) else escape_fraction
+    responder = draw_responders(pert_idx, names, escape, seed)
     prog_of_cell, cell_b, cell_beta, cell_gamma = cell_kinetics(
-        design, table, effects, cc_log2, cell_cycle_mode, base_b, beta, base_gamma
+        design, table, effects, cc_log2, cell_cycle_mode, base_b, beta, base_gamma, responder
     )
     nascent, mature = sample_counts(cell_b, cell_beta, cell_gamma, generator, chunk_cells,
                                      progress_bar)
 
-    names = table["perturbation"].to_numpy()
     labels = np.where(pert_idx >= 0, names[np.maximum(pert_idx, 0)], control_label)
     programs = np.array(
         [f"program{p + 1}" if p >= 0 else "control" for p in prog_of_cell], dtype=object
@@ -208,10 +223,11 @@ def simulate_perturbseq(
     # Weak perturbations carry no program annotation (like Norman et al.'s unlabelled ones).
     n_annotated = n_programs * perturbations_per_program  # the weak ones come after these
     programs[pert_idx >= n_annotated] = "unassigned"
+    extra = {} if responder is None else {"responder": responder}
     cells = merge_doublets(
         design["n_doublets"],
         nascent=nascent, mature=mature, capture=design["capture"], perturbation=labels,
-        program=programs, phase=np.array(PHASES)[phase_idx],
+        program=programs, phase=np.array(PHASES)[phase_idx], **extra,
     )
     adata = to_anndata(cells, gene_truth(base_b, beta, base_gamma, cc_genes, cc_log2, effects))
     for key in ("log2_b", "log2_gamma", "log2_frequency"):
@@ -221,6 +237,13 @@ def simulate_perturbseq(
         seed, kinds, table, n_annotated, control_label,
         cell_cycle_mode, frequency_log2, capture_median, capture_sigma,
     )
+    if responder is not None:
+        adata.obs["responder"] = cells["responder"]
+        adata.uns["simulation"]["escape_fraction"] = (
+            {str(k): float(v) for k, v in escape.items()}
+            if isinstance(escape, dict)
+            else float(escape)
+        )
     return adata
 
 

@@ -179,6 +179,42 @@ def cell_design(
     }
 
 
+def draw_responders(
+    perturbation: np.ndarray,
+    names: Sequence[str],
+    escape_fraction: float | dict[str, float],
+    seed: int,
+) -> np.ndarray | None:
+    """Which drawn cells respond to their perturbation (``None``: every perturbed cell).
+
+    In each targeting perturbation, ``round(fraction x cells)`` cells chosen at random
+    escape (no effect); controls (-1) are no responders. The draws come from their own
+    generator, so a screen with and without escapers shares its design.
+    """
+    names = [str(n) for n in names]
+    if isinstance(escape_fraction, dict):
+        unknown = sorted(set(map(str, escape_fraction)) - set(names))
+        if unknown:
+            raise ValueError(
+                f"escape_fraction names unknown perturbation(s) {unknown[:5]}; "
+                f"the perturbations are {names}"
+            )
+        fractions = np.array([float(escape_fraction.get(n, 0.0)) for n in names])
+    else:
+        fractions = np.full(len(names), float(escape_fraction))
+    if np.any(~np.isfinite(fractions)) or np.any((fractions < 0) | (fractions > 1)):
+        raise ValueError(f"escape_fraction must lie in [0, 1], got {escape_fraction!r}")
+    if not np.any(fractions > 0):
+        return None
+    rng = np.random.default_rng([int(seed), 0xE5C])
+    responder = perturbation >= 0
+    for k, fraction in enumerate(fractions):
+        cells = np.flatnonzero(perturbation == k)
+        n_escape = int(round(fraction * cells.size))
+        responder[rng.choice(cells, size=n_escape, replace=False)] = False
+    return responder
+
+
 def merge_doublets(n_doublets: int, **columns: np.ndarray) -> dict[str, np.ndarray]:
     """Sum the last ``2 n_doublets`` drawn cells in pairs (what a real doublet is).
 
@@ -197,6 +233,8 @@ def merge_doublets(n_doublets: int, **columns: np.ndarray) -> dict[str, np.ndarr
             pair = np.array([f"{a}_{c}" for a, c in zip(value[first], value[second], strict=True)])
         elif key == "program":
             pair = np.full(n_doublets, "doublet", dtype=object)
+        elif key == "responder":  # a doublet responds when either of its cells does
+            pair = value[first] | value[second]
         else:
             pair = value[first]
         out[key] = np.concatenate([single, pair])
@@ -234,15 +272,19 @@ def cell_kinetics(
     base_b: np.ndarray,
     beta: np.ndarray,
     base_gamma: np.ndarray,
+    responder: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per drawn cell: its program (-1: control) and its ``b`` (after capture), ``beta/k``
     and ``gamma/k`` per gene: the base kinetics moved by the perturbation (its strength
-    times its program's change) and by the cell-cycle phase."""
+    times its program's change) and by the cell-cycle phase. Perturbed cells that are not
+    ``responder`` (escapers) keep their program but carry no change."""
     n_genes = base_b.size
     pert_idx, phase_idx = design["perturbation"], design["phase"]
     # Per cell log2 changes: perturbation strength x its program's change (controls: none).
     prog_of_cell = np.where(pert_idx >= 0, table["program_index"].to_numpy()[pert_idx], -1)
     strength = np.where(pert_idx >= 0, table["strength"].to_numpy()[pert_idx], 0.0)
+    if responder is not None:
+        strength = np.where(responder, strength, 0.0)
 
     def per_cell(change: np.ndarray) -> np.ndarray:
         padded = np.concatenate([change, np.zeros((n_genes, 1))], axis=1)  # column -1 = control

@@ -33,13 +33,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from pybivi.models._escapers import EscaperMixin
 from pybivi.models.base import BaseModel
 from pybivi.module import ContrastiveModule
 
 __all__ = ["ContrastiveBiVI", "BiVI", "SCVI", "ContrastiveVI", "BaseModel"]
 
 
-class ContrastiveBiVI(BaseModel):
+class ContrastiveBiVI(EscaperMixin, BaseModel):
     """ContrastiveBiVI: background ``z`` and salient ``t`` latents, nascent + mature counts
     through a reaction-scheme likelihood (paper section 3).
 
@@ -65,9 +66,17 @@ class ContrastiveBiVI(BaseModel):
     module_kwargs
         Extra constructor arguments of ``module_cls`` (JSON values, so that the model can
         be saved).
+    salient_prior
+        ``"normal"`` (the paper): ``t ~ Normal(mu_c, I)``. ``"mixture"`` (beyond the
+        paper): ``t ~ w_c Normal(mu_c, I) + (1 - w_c) Normal(0, I)``, a learned share
+        ``w_c`` of responders per label and cells that escape their perturbation at 0
+        (user guide, "Escapers"); then :meth:`get_perturbation_probability` gives each
+        cell's probability of responding and the differential tests use the responders.
+        Saved and loaded with the model.
     """
 
     _use_nascent, _contrastive = True, True
+    _label_prior_name = "normal"
 
     def __init__(
         self,
@@ -80,9 +89,17 @@ class ContrastiveBiVI(BaseModel):
         seed: int = 0,
         module_cls: type[ContrastiveModule] | None = None,
         module_kwargs: dict[str, Any] | None = None,
+        salient_prior: str = "normal",
     ) -> None:
+        if salient_prior not in ("normal", "mixture"):
+            raise ValueError(
+                "ContrastiveBiVI salient_prior must be 'normal' or 'mixture', "
+                f"got {salient_prior!r}"
+            )
+        # The module calls the paper's per-label normal prior "label".
+        prior = "label" if salient_prior == "normal" else "mixture"
         kwargs = dict(n_background=n_background, n_salient=n_salient, n_hidden=n_hidden,
-                      dropout=dropout, likelihood="cme", scheme=scheme, salient_prior="label")
+                      dropout=dropout, likelihood="cme", scheme=scheme, salient_prior=prior)
         self._build(adata, kwargs, seed, module_cls, module_kwargs)
 
 
@@ -139,11 +156,13 @@ class SCVI(BaseModel):
         self._build(adata, kwargs, seed, module_cls, module_kwargs)
 
 
-class ContrastiveVI(BaseModel):
+class ContrastiveVI(EscaperMixin, BaseModel):
     """contrastiveVI: background ``z`` and salient ``t``, mature counts only, (ZI)NB.
 
     ``salient_prior="standard"`` (default, as in scvi-tools) uses ``t ~ Normal(0, I)``;
-    ``"label"`` learns a mean per perturbation label as ContrastiveBiVI does.
+    ``"label"`` learns a mean per perturbation label as ContrastiveBiVI does;
+    ``"mixture"`` (beyond the paper) adds an escaper component at 0 with a learned
+    responder share per label, as ``ContrastiveBiVI(salient_prior="mixture")``.
     ``module_cls`` and ``module_kwargs`` are as in :class:`ContrastiveBiVI`.
     """
 

@@ -37,6 +37,7 @@ import pandas as pd
 
 from pybivi.tl._de_sources import Sampler, default_kinetic_params, group_masks, is_idata
 from pybivi.tl._de_streams import group_log2_draws, null_splits, pseudobulk_moments
+from pybivi.tl._de_weights import effective_sizes, restrict_masks
 from pybivi.tl._shrinkage import (
     HALF_COUNT,
     fdr_calls,
@@ -210,12 +211,17 @@ def group_test(
     normalize: str | None = None,
     batch_size: int = 256,
     seed: int = 0,
+    cell_weights: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """The group-level test behind :func:`pybivi.tl.de.kinetic` and :func:`pybivi.tl.de.mean`.
 
     ``kind="kinetic"`` tests the scheme's kinetic parameters ``params``;
     ``kind="mean"`` tests normalised mature expression (one parameter, whose columns
-    carry no prefix). See :func:`pybivi.tl.de.kinetic` for the other arguments.
+    carry no prefix). ``cell_weights`` (one per cell, see
+    :func:`pybivi.tl._de_weights.resolve_cell_weights`) makes every pseudo-bulk a
+    weighted mean; cells of weight 0 leave the test, and the control-versus-control
+    splits are size-matched to each group's effective number of cells. See
+    :func:`pybivi.tl.de.kinetic` for the other arguments.
     """
     if estimate not in ESTIMATES:
         raise ValueError(f"estimate must be one of {ESTIMATES}, not {estimate!r}")
@@ -225,6 +231,7 @@ def group_test(
         raise ValueError(f"delta must be >= 0, got {delta}")
     sampler = Sampler(source, groupby, 1, seed, batch_size)
     ref_mask, masks = group_masks(sampler.labels, sampler.is_control, group, reference, groupby)
+    ref_mask, masks = restrict_masks(ref_mask, masks, cell_weights)
     if kind == "kinetic":
         scheme, theta = _scheme_and_theta(source, len(sampler.genes))
         names = tuple(params) if params is not None else default_kinetic_params(scheme)
@@ -236,16 +243,17 @@ def group_test(
     rng = np.random.default_rng([seed, 7919])
     splits = {}
     if null_repeats:
-        sizes = {g: int(m.sum()) for g, m in masks.items()}
+        sizes = effective_sizes(masks, cell_weights)
         splits = null_splits(sets["reference"], sizes, null_repeats, rng)
         for key, (inside, rest) in splits.items():
             sets[f"null:{key}"], sets[f"rest:{key}"] = inside, rest
-    moments = pseudobulk_moments(source, sets, batch_size)
+    moments = pseudobulk_moments(source, sets, batch_size, weights=cell_weights)
     observed = {k: _observed_estimates(m, names, kinetic) for k, m in moments.items()}
     decoded = None
     if estimate == "decoded":
         decoded = _decoded_estimates(
-            source, sets, names, kind, kinetic, aggregate, n_draws, batch_size, seed
+            source, sets, names, kind, kinetic, aggregate, n_draws, batch_size, seed,
+            cell_weights,
         )
     settings = dict(
         shrink=shrink,
@@ -307,7 +315,7 @@ def group_test(
 
 
 def _decoded_estimates(
-    source, sets, names, kind, kinetic, aggregate, n_draws, batch_size, seed
+    source, sets, names, kind, kinetic, aggregate, n_draws, batch_size, seed, weights=None
 ) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Per set and parameter: mean and variance over the posterior draws of the log2 value."""
     if kind == "mean":
@@ -324,6 +332,7 @@ def _decoded_estimates(
         n_draws=n_draws,
         batch_size=batch_size,
         seed=seed,
+        weights=weights,
     )
     out = {}
     for k, d in draws.items():

@@ -103,7 +103,10 @@ def _count_chunks(
 
 
 def pseudobulk_moments(
-    source: Any, sets: Mapping[str, np.ndarray], batch_size: int = 256
+    source: Any,
+    sets: Mapping[str, np.ndarray],
+    batch_size: int = 256,
+    weights: np.ndarray | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Means and sampling (co)variances of each set's normalised pseudo-bulk, one pass.
 
@@ -115,49 +118,71 @@ def pseudobulk_moments(
         Name to rows (model) or cell positions (InferenceData).
     batch_size
         Cells per chunk.
+    weights
+        Optional weight of every row (cell position): the pseudo-bulks are weighted
+        means, their variances use Kish's effective number of cells
+        ``(sum w)^2 / sum w^2``; 0/1 weights give exactly the moments of the subset.
 
     Returns
     -------
     dict
-        Per set: ``n`` and, per species ``s``, ``mean_s`` (mean over cells of counts
-        scaled to the reference library) and ``var_log_s`` (sampling variance of the
-        natural log of that mean, delta method), plus ``cov_log`` between the species.
+        Per set: ``n`` (the summed weight: the number of cells without weights) and, per
+        species ``s``, ``mean_s`` (mean over cells of counts scaled to the reference
+        library) and ``var_log_s`` (sampling variance of the natural log of that mean,
+        delta method), plus ``cov_log`` between the species.
     """
     rows, members, position = _membership(sets)
     sums: dict[str, dict[str, Any]] = {k: {} for k in members}
     for chunk_rows, values in _count_chunks(source, rows, batch_size):
         pos = position[chunk_rows]
+        cell_w = None if weights is None else np.asarray(weights, np.float64)[chunk_rows]
         for k, member in members.items():
             inside = member[pos]
             if not inside.any():
                 continue
-            acc = sums[k]
-            acc["n"] = acc.get("n", 0) + int(inside.sum())
-            for s, y in values.items():
-                y = y[inside]
-                acc[f"sum_{s}"] = acc.get(f"sum_{s}", 0.0) + y.sum(0)
-                acc[f"sq_{s}"] = acc.get(f"sq_{s}", 0.0) + (y * y).sum(0)
-            if len(values) == 2:
-                prod = (values["nascent"][inside] * values["mature"][inside]).sum(0)
-                acc["cross"] = acc.get("cross", 0.0) + prod
-    out = {}
-    for k, acc in sums.items():
-        n = acc["n"]
-        res: dict[str, Any] = {"n": n}
-        species = [s for s in SPECIES if f"sum_{s}" in acc]
-        for s in species:
-            mean = acc[f"sum_{s}"] / n
-            var = np.maximum(acc[f"sq_{s}"] / n - mean**2, 0.0)
-            res[f"mean_{s}"] = mean
-            with np.errstate(divide="ignore", invalid="ignore"):
-                res[f"var_log_{s}"] = var / (n * mean**2)
-        if len(species) == 2:
-            mn, mm = res["mean_nascent"], res["mean_mature"]
-            cov = acc["cross"] / n - mn * mm
-            with np.errstate(divide="ignore", invalid="ignore"):
-                res["cov_log"] = cov / (n * mn * mm)
-        out[k] = res
-    return out
+            _accumulate(sums[k], values, inside, None if cell_w is None else cell_w[inside])
+    return {k: _moments(acc) for k, acc in sums.items()}
+
+
+def _accumulate(
+    acc: dict[str, Any], values: dict[str, np.ndarray], inside: np.ndarray, w: np.ndarray | None
+) -> None:
+    """Add one chunk's (weighted) sums of the cells ``inside`` to a set's accumulator."""
+    if w is None:
+        acc["n"] = acc.get("n", 0) + int(inside.sum())
+    else:
+        acc["n"] = acc.get("n", 0.0) + float(w.sum())
+        acc["n_squared"] = acc.get("n_squared", 0.0) + float(np.sum(w * w))
+    for s, y in values.items():
+        y = y[inside]
+        wy = y if w is None else y * w[:, None]
+        acc[f"sum_{s}"] = acc.get(f"sum_{s}", 0.0) + wy.sum(0)
+        acc[f"sq_{s}"] = acc.get(f"sq_{s}", 0.0) + (wy * y).sum(0)
+    if len(values) == 2:
+        prod = values["nascent"][inside] * values["mature"][inside]
+        prod = prod if w is None else prod * w[:, None]
+        acc["cross"] = acc.get("cross", 0.0) + prod.sum(0)
+
+
+def _moments(acc: dict[str, Any]) -> dict[str, Any]:
+    """Means and delta-method log variances from a set's (weighted) sums."""
+    n = acc["n"]
+    # Kish's effective sample size; without weights it is the number of cells.
+    n_eff = n if "n_squared" not in acc else n * n / acc["n_squared"]
+    res: dict[str, Any] = {"n": n}
+    species = [s for s in SPECIES if f"sum_{s}" in acc]
+    for s in species:
+        mean = acc[f"sum_{s}"] / n
+        var = np.maximum(acc[f"sq_{s}"] / n - mean**2, 0.0)
+        res[f"mean_{s}"] = mean
+        with np.errstate(divide="ignore", invalid="ignore"):
+            res[f"var_log_{s}"] = var / (n_eff * mean**2)
+    if len(species) == 2:
+        mn, mm = res["mean_nascent"], res["mean_mature"]
+        cov = acc["cross"] / n - mn * mm
+        with np.errstate(divide="ignore", invalid="ignore"):
+            res["cov_log"] = cov / (n_eff * mn * mm)
+    return res
 
 
 def _model_draw_chunks(
@@ -207,6 +232,7 @@ def group_log2_draws(
     n_draws: int = 100,
     batch_size: int = 256,
     seed: int = 0,
+    weights: np.ndarray | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Posterior draws of each set's population-level log2 values of ``quantities``.
 
@@ -227,6 +253,8 @@ def group_log2_draws(
         ``"pseudobulk"`` or ``"log_mean"``.
     n_draws, batch_size, seed
         Draws per cell (model source), cells per chunk, seed of the draws.
+    weights
+        Optional weight of every row: the means over a set's cells are weighted.
 
     Returns
     -------
@@ -242,19 +270,26 @@ def group_log2_draws(
         chunks = _idata_draw_chunks(source, rows, quantities, batch_size)
     else:
         chunks = _model_draw_chunks(source, rows, quantities, n_draws, batch_size, seed)
-    counts: dict[str, int] = {}
+    counts: dict[str, float] = {}
     sums: dict[str, dict[str, np.ndarray]] = {k: {} for k in members}
     for chunk_rows, values in chunks:
         pos = position[chunk_rows]
+        cell_w = None if weights is None else np.asarray(weights, np.float64)[chunk_rows]
         if aggregate == "log_mean":
             values = {q: np.log2(v) for q, v in values.items()}
         for k, member in members.items():
             inside = member[pos]
             if not inside.any():
                 continue
-            counts[k] = counts.get(k, 0) + int(inside.sum())
+            if cell_w is None:
+                counts[k] = counts.get(k, 0) + int(inside.sum())
+                for q, v in values.items():
+                    sums[k][q] = sums[k].get(q, 0.0) + v[:, inside, :].sum(1)
+                continue
+            w = cell_w[inside]
+            counts[k] = counts.get(k, 0.0) + float(w.sum())
             for q, v in values.items():
-                sums[k][q] = sums[k].get(q, 0.0) + v[:, inside, :].sum(1)
+                sums[k][q] = sums[k].get(q, 0.0) + (v[:, inside, :] * w[:, None]).sum(1)
     out = {}
     for k, acc in sums.items():
         means = {q: v / counts[k] for q, v in acc.items()}

@@ -42,6 +42,7 @@ from pybivi.tl._de_sources import (
     mature_counts,
 )
 from pybivi.tl._de_summary import call_counts, overlap_table
+from pybivi.tl._de_weights import cell_weights_for, thin_masks
 from pybivi.tl.bayes_factors import (
     change_bayes_factors,
     combined_call,
@@ -88,6 +89,8 @@ def kinetic(
     normalize: str | None = None,
     batch_size: int = 256,
     seed: int = 0,
+    weights: Any = None,
+    responders: Any = None,
 ) -> pd.DataFrame:
     """Kinetic differential test of groups of cells against a reference.
 
@@ -169,6 +172,16 @@ def kinetic(
         per-gene median (:func:`~pybivi.tl.bayes_factors.median_ratio_normalize`); with
         ``"group"`` the lfc estimates are centred on their median over genes. Both
         assume that most genes do not change the parameter.
+    weights, responders
+        Per-cell weights (beyond the paper; user guide, "Escapers"): ``weights`` in
+        ``[0, 1]`` (e.g. ``model.get_perturbation_probability()``) or ``responders``, a
+        boolean mask, one entry per cell of the model's AnnData (or the InferenceData).
+        ``"group"`` forms weighted pseudo-bulks (0/1 weights: exactly the test on the
+        subset); ``"pairs"`` keeps each cell with probability equal to its weight.
+        Controls always weigh 1; the control-versus-control null is unchanged. Default
+        (``responders=None``): a model built with ``salient_prior="mixture"`` tests its
+        responders, the cells whose responder probability exceeds 0.5; every other
+        source tests all cells. ``responders=False`` switches this off.
     batch_size, seed
         Cells per minibatch; seed of the draws, the splits and the pairs.
 
@@ -200,12 +213,13 @@ def kinetic(
         raise ValueError(f"method must be 'group' or 'pairs', not {method!r}")
     if normalize not in (None, "median_ratio"):
         raise ValueError(f"normalize must be None or 'median_ratio', not {normalize!r}")
+    cell_weights = cell_weights_for(model_or_idata, groupby, weights, responders)
     if method == "pairs":
         return _kinetic_pairs(
             model_or_idata, groupby, group, reference, params=params,
             delta=1.0 if delta is None else delta, bf_threshold=bf_threshold,
             n_pairs=n_pairs, n_samples=n_samples, normalize=normalize,
-            batch_size=batch_size, seed=seed,
+            batch_size=batch_size, seed=seed, cell_weights=cell_weights,
         )  # fmt: skip
     return group_test(
         model_or_idata, groupby, group, reference, kind="kinetic", params=params,
@@ -213,6 +227,7 @@ def kinetic(
         fdr_target=fdr_target, shrink=shrink, aggregate=aggregate, n_draws=n_draws,
         n_posterior=n_posterior, null_repeats=null_repeats, credible_mass=credible_mass,
         bf_threshold=bf_threshold, normalize=normalize, batch_size=batch_size, seed=seed,
+        cell_weights=cell_weights,
     )  # fmt: skip
 
 
@@ -230,11 +245,13 @@ def _kinetic_pairs(
     normalize: str | None,
     batch_size: int,
     seed: int,
+    cell_weights: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """biVI's pooled-pairs kinetic test (``kinetic(method="pairs")``)."""
     sampler = Sampler(model_or_idata, groupby, n_samples, seed, batch_size)
     names = tuple(params) if params is not None else default_kinetic_params(model_or_idata)
     ref_mask, masks = group_masks(sampler.labels, sampler.is_control, group, reference, groupby)
+    ref_mask, masks = thin_masks(ref_mask, masks, cell_weights, seed)
     ref_samples = sampler(ref_mask, names, salt=0)
     profiles = {}
     if normalize == "median_ratio":
@@ -286,6 +303,8 @@ def mean(
     threshold_counts: float = 0.01,
     batch_size: int = 256,
     seed: int = 0,
+    weights: Any = None,
+    responders: Any = None,
 ) -> pd.DataFrame:
     """Mean-expression differential test on normalised mature expression ``rho_M``.
 
@@ -330,6 +349,16 @@ def mean(
     pseudocounts
         ``"pairs"``: ``eps`` of the lfc; ``None`` estimates it as scvi-tools does from
         genes whose mean observed mature count in a group is below ``threshold_counts``.
+    weights, responders
+        Per-cell weights (beyond the paper; user guide, "Escapers"): ``weights`` in
+        ``[0, 1]`` (e.g. ``model.get_perturbation_probability()``) or ``responders``, a
+        boolean mask, one entry per cell of the model's AnnData (or the InferenceData).
+        ``"group"`` forms weighted pseudo-bulks (0/1 weights: exactly the test on the
+        subset); ``"pairs"`` keeps each cell with probability equal to its weight.
+        Controls always weigh 1; the control-versus-control null is unchanged. Default
+        (``responders=None``): a model built with ``salient_prior="mixture"`` tests its
+        responders, the cells whose responder probability exceeds 0.5; every other
+        source tests all cells. ``responders=False`` switches this off.
     batch_size, seed
         Minibatch size of the draws; seed of the draws and pairs.
 
@@ -346,6 +375,7 @@ def mean(
     """
     if method not in ("group", "pairs"):
         raise ValueError(f"method must be 'group' or 'pairs', not {method!r}")
+    cell_weights = cell_weights_for(model_or_idata, groupby, weights, responders)
     if method == "group":
         return group_test(
             model_or_idata, groupby, group, reference, kind="mean", estimate=estimate,
@@ -353,10 +383,12 @@ def mean(
             shrink=shrink, n_draws=n_draws, n_posterior=n_posterior,
             null_repeats=null_repeats, credible_mass=credible_mass,
             bf_threshold=bf_threshold, batch_size=batch_size, seed=seed,
+            cell_weights=cell_weights,
         )  # fmt: skip
     delta = 0.2 if delta is None else delta
     sampler = Sampler(model_or_idata, groupby, n_samples, seed, batch_size)
     ref_mask, masks = group_masks(sampler.labels, sampler.is_control, group, reference, groupby)
+    ref_mask, masks = thin_masks(ref_mask, masks, cell_weights, seed)
     ref_scales = sampler(ref_mask, ["rho_mature"], salt=0)["rho_mature"]
     observed = None if is_idata(model_or_idata) else mature_counts(model_or_idata)
     tables = []
