@@ -39,6 +39,7 @@ import time
 import warnings
 from pathlib import Path
 
+import docs_output
 import numpy as np
 import pandas as pd
 import torch
@@ -204,4 +205,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    docs_output.run(main)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import docs_output
 import numpy as np
 import pandas as pd
 import pyro
@@ -120,4 +121,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    docs_output.run(main)

@@ -296,6 +296,14 @@ class CellData:
             self.label = np.array([lookup.get(lab, -1) for lab in labels], dtype=np.int64)
             self.is_control = np.isin(labels, registry.control_labels)
 
+    def gene_totals(self, indices: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Each species' total count per gene over the cells at rows ``indices`` (default all)."""
+        out = {}
+        for name, matrix in self._matrices.items():
+            rows = matrix if indices is None else matrix[np.asarray(indices, dtype=np.int64)]
+            out[name] = np.asarray(rows.sum(axis=0), dtype=np.float64).ravel()
+        return out
+
     def batch(self, indices: np.ndarray, device: torch.device | str = "cpu") -> dict[str, Any]:
         """The batch dictionary of the cells at rows ``indices``."""
         indices = np.asarray(indices, dtype=np.int64)

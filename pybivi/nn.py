@@ -81,6 +81,33 @@ class FrequencyDecoder(nn.Module):
         self.heads = nn.ModuleDict({s: nn.Linear(n_hidden, n_genes) for s in self.species})
         self.zi_head = nn.Linear(n_hidden, n_genes) if zero_inflation else None
 
+    @torch.no_grad()
+    def start_at_frequencies(self, frequencies: dict[str, Tensor]) -> None:
+        """Start each head at given gene frequencies (its bias at their logarithm).
+
+        With the heads' weights small at initialisation, the decoder's first output is
+        close to ``frequencies`` for every cell, instead of a random vector around the
+        uniform ``1 / n_genes``: a gene expressed a hundred times below the average starts
+        where it belongs rather than having to be pushed there step by step.
+
+        Parameters
+        ----------
+        frequencies
+            ``{species: (n_genes,) positive frequencies}`` (need not sum to one; the
+            softmax is invariant to a common shift of the biases).
+        """
+        for species, values in frequencies.items():
+            if species not in self.heads:
+                raise KeyError(f"the decoder has no {species!r} head (has {list(self.heads)})")
+            values = torch.as_tensor(values, dtype=torch.float32)
+            if values.shape != self.heads[species].bias.shape or not bool((values > 0).all()):
+                raise ValueError(
+                    f"{species} frequencies must be {tuple(self.heads[species].bias.shape)} "
+                    "positive values"
+                )
+            log_freq = torch.log(values / values.sum())
+            self.heads[species].bias.copy_(log_freq.to(self.heads[species].bias.device))
+
     def forward(self, latent: Tensor) -> dict[str, Tensor]:
         """Return ``{"rho_<species>": frequencies, ["zi_logits": logits]}``."""
         # BatchNorm1d needs (N, C): fold any leading sample axes into the batch axis.

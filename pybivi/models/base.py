@@ -32,6 +32,10 @@ _HISTORY = "history.csv"
 _RESERVED = ("n_genes", "n_labels", "n_cells")
 
 
+#: how the decoder's gene frequencies start (the ``frequency_init`` of the model classes)
+FREQUENCY_INITS = ("random", "data")
+
+
 def class_path(cls: type) -> str:
     """Import path ``"package.module:QualName"`` of a class, as stored by ``save``."""
     return f"{cls.__module__}:{cls.__qualname__}"
@@ -139,12 +143,17 @@ class BaseModel:
         seed: int,
         module_cls: type[ContrastiveModule] | None = None,
         extra_kwargs: dict[str, Any] | None = None,
+        frequency_init: str = "random",
     ) -> None:
         """Register ``adata`` and build the module.
 
         ``module_kwargs`` are the arguments the model class sets; ``extra_kwargs`` (the
         user's ``module_kwargs=``) go to a custom ``module_cls`` on top of them.
         """
+        if frequency_init not in FREQUENCY_INITS:
+            raise ValueError(
+                f"frequency_init must be one of {FREQUENCY_INITS}, got {frequency_init!r}"
+            )
         module_cls = _check_module_cls(self.module_cls if module_cls is None else module_cls)
         extra = dict(extra_kwargs or {})
         clash = sorted(set(extra) & (set(module_kwargs) | set(_RESERVED) | {"seed"}))
@@ -171,6 +180,8 @@ class BaseModel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.module = self._make_module(module_kwargs)
+        if frequency_init == "data":
+            self._start_at_data_frequencies()
         self.device = torch.device("cpu")
         self.history = pd.DataFrame(
             columns=["epoch", "train_loss", "kl_weight", "validation_loss"]
@@ -181,6 +192,20 @@ class BaseModel:
         self.validation_indices: np.ndarray | None = None
         #: :meth:`diagnostics` at the end of the last training run (bursty models)
         self.training_diagnostics: pd.DataFrame | None = None
+
+    def _start_at_data_frequencies(self) -> None:
+        """``frequency_init="data"``: the decoder starts at each gene's share of the counts."""
+        decoder = getattr(self.module, "decoder", None)
+        if not hasattr(decoder, "start_at_frequencies"):
+            raise ValueError(
+                'frequency_init="data" needs a decoder with start_at_frequencies() (as '
+                f"pybivi.nn.FrequencyDecoder); {type(self.module).__name__}'s decoder has none"
+            )
+        totals = self._cells.gene_totals()
+        # Half a count per gene keeps genes never seen in these cells at a finite log.
+        decoder.start_at_frequencies(
+            {s: t + 0.5 for s, t in totals.items() if s in decoder.heads}
+        )
 
     def _make_module(self, module_kwargs: dict[str, Any]) -> ContrastiveModule:
         registry = self.registry
