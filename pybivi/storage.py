@@ -95,7 +95,9 @@ class CountStore:
         elif isinstance(matrix, np.ndarray):
             self.matrix = np.asarray(matrix)
         elif _is_sparse_dataset(matrix) or _is_disk_array(matrix) or _is_dask(matrix):
-            if getattr(matrix, "format", "csr") == "csc":
+            meta = getattr(matrix, "_meta", None)  # a dask array's chunk type
+            layout = getattr(meta if sp.issparse(meta) else matrix, "format", "csr")
+            if layout == "csc":
                 raise ValueError(
                     f"{what} is stored on disk by columns (CSC); reading cells needs rows. "
                     "Write it by rows first (e.g. adata.layers[name] = "
