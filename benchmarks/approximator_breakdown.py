@@ -17,6 +17,7 @@ import argparse
 import time
 import warnings
 
+import docs_output
 import numpy as np
 import torch
 from approximator_common import realistic_pairs, time_forward_backward
@@ -156,4 +157,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    docs_output.run(main)

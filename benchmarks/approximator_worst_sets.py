@@ -17,6 +17,7 @@ import argparse
 import warnings
 from pathlib import Path
 
+import docs_output
 import numpy as np
 import torch
 
@@ -94,4 +95,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    docs_output.run(main)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import docs_output
 import numpy as np
 import torch
 
@@ -109,4 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    docs_output.run(main)

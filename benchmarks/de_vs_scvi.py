@@ -39,6 +39,7 @@ import argparse
 import sys
 import time
 
+import docs_output
 import numpy as np
 import torch
 
@@ -270,4 +271,4 @@ def oracle(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(docs_output.run(main))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import docs_output
 import numpy as np
 import torch
 from scipy import stats
@@ -170,4 +171,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    docs_output.run(main)

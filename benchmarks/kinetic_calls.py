@@ -44,6 +44,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import docs_output  # noqa: E402
 from kinetic_diagnostics import (  # noqa: E402  (a sibling script, not a package)
     composition_shift,
     group_level_calls,
@@ -449,4 +450,4 @@ def delta_sweep(args: argparse.Namespace, extra: dict) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(docs_output.run(main))

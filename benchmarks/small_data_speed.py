@@ -26,6 +26,7 @@ import time
 import warnings
 from pathlib import Path
 
+import docs_output
 import torch
 
 import pybivi
@@ -92,4 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    docs_output.run(main)

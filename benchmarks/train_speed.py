@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+import docs_output
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork + exec, so a child would
@@ -150,12 +152,11 @@ def main() -> None:
           f"{args.cells / theirs_epoch:.0f} cells/s, peak RSS {theirs['peak_rss_mb']:.0f} MB, "
           f"{theirs['threads']} threads")
     ratio = ours_epoch / theirs_epoch
-    verdict = "PASS" if ratio <= 5 else "FAIL"
-    print(f"ratio pybivi / scvi-tools (wall): {ratio:.2f} (target <= 5): {verdict}")
+    print(f"ratio pybivi / scvi-tools (wall): {ratio:.2f}")
     # CPU time is steadier than wall time when other jobs share the machine.
     cpu_ratio = ours["cpu_seconds"] / theirs["cpu_seconds"]
     print(f"ratio pybivi / scvi-tools (CPU time): {cpu_ratio:.2f}")
 
 
 if __name__ == "__main__":
-    main()
+    docs_output.run(main)

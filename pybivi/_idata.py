@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pybivi.storage import obs_labels
+
 
 class DrawBuffers:
     """Preallocated arrays that the minibatches of :func:`pybivi.posterior.posterior` fill.
@@ -135,7 +137,7 @@ def to_inference_data(
             value = labels[value]  # -1 (a label the model never saw) maps to "unknown"
         constant[key] = (("cell",), value)
     if groupby is not None:
-        constant[groupby] = (("cell",), adata.obs[groupby].astype(str).to_numpy()[rows])
+        constant[groupby] = (("cell",), obs_labels(adata, groupby)[rows])
     theta = model.module.theta.detach().cpu().numpy()[gene_idx]
     constant["theta"] = (("gene",), theta.astype(np.float32))
     for s in ("nascent", "mature"):

@@ -21,18 +21,32 @@ Batch dictionaries (the contract every consumer relies on)
     long tensor ``(B,)``: the row of each cell in its AnnData.
 
 Counts may be scipy sparse: they stay sparse in the AnnData and only the rows of
-one minibatch are densified.
+one minibatch are densified. They may also stay on disk (``anndata.read_h5ad(path,
+backed="r")``, ``anndata.experimental.read_lazy`` or :func:`pybivi.storage.open_lazy`):
+then :class:`CellData` keeps only labels, control flags and library sizes in memory and
+reads the rows of a few blocks at a time (see :mod:`pybivi.storage`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
+
+from pybivi.storage import (
+    DEFAULT_BLOCK_SIZE,
+    CountStore,
+    library_of,
+    obs_columns,
+    obs_labels,
+    remember_library,
+    shuffled_blocks,
+)
 
 UNS_KEY = "_pybivi"
 
@@ -106,31 +120,21 @@ def _layer(adata: Any, layer: str | None) -> Any:
     return adata.layers[layer]
 
 
-def _check_counts(matrix: Any, what: str, shape: tuple[int, int]) -> None:
-    """Raise ``ValueError`` unless ``matrix`` holds finite non-negative integer counts."""
+def _store(matrix: Any, what: str, shape: tuple[int, int]) -> CountStore:
+    """A :class:`CountStore` of ``matrix``, after checking its shape."""
     if matrix is None:
         raise ValueError(f"{what} is empty (None)")
     if tuple(matrix.shape) != tuple(shape):
         raise ValueError(f"{what} has shape {tuple(matrix.shape)}, expected {tuple(shape)}")
-    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
-    values = np.asarray(values)
-    if not np.issubdtype(values.dtype, np.number):
-        raise ValueError(f"{what} must be numeric, got dtype {values.dtype}")
-    if values.size == 0:
-        return
-    if np.issubdtype(values.dtype, np.floating):
-        if not np.all(np.isfinite(values)):
-            raise ValueError(f"{what} contains NaN or infinite values; counts must be finite")
-        if np.any(values != np.round(values)):
-            raise ValueError(
-                f"{what} contains non-integer values; pybivi needs raw counts, not normalised data"
-            )
-    if values.min() < 0:
-        raise ValueError(f"{what} contains negative values; counts must be >= 0")
+    return CountStore(matrix, what)
 
 
-def _row_sums(matrix: Any) -> np.ndarray:
-    return np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()
+def _check_counts(matrix: Any, what: str, shape: tuple[int, int]) -> np.ndarray:
+    """Library sizes of ``matrix``; ``ValueError`` unless it holds non-negative integer counts.
+
+    One pass over the matrix (row blocks when it is on disk).
+    """
+    return _store(matrix, what, shape).scan(check=True)
 
 
 def setup_anndata(
@@ -144,10 +148,13 @@ def setup_anndata(
 ) -> None:
     """Validate ``adata`` and record the setup in ``adata.uns["_pybivi"]``.
 
+    Counts on disk are checked and their library sizes computed in one pass over blocks
+    of rows per layer; nothing is loaded whole.
+
     Parameters
     ----------
     adata
-        Cells x genes AnnData with raw counts.
+        Cells x genes AnnData with raw counts (in memory, backed or lazy).
     perturbation_key
         ``obs`` column of perturbation labels. Required for contrastive models; for the
         others it may be ``None`` (or absent from ``obs``), and is then ignored.
@@ -167,7 +174,8 @@ def setup_anndata(
         A layer or the perturbation key is missing.
     ValueError
         Counts are negative, non-integer, NaN or of mismatched shapes; a cell has no
-        counts in a species; a control label never occurs; no control or no perturbed cells.
+        counts in a species; a control label never occurs; no control or no perturbed cells;
+        an on-disk layer is stored by columns (CSC).
     """
     if isinstance(control_labels, str):
         control_labels = (control_labels,)
@@ -177,24 +185,26 @@ def setup_anndata(
         raise ValueError(f"the AnnData is empty (shape {shape})")
     species = [("mature", mature_layer)] + ([("nascent", nascent_layer)] if use_nascent else [])
     for name, layer in species:
-        matrix = _layer(adata, layer)
         where = "adata.X" if layer is None else f"layer {layer!r}"
-        _check_counts(matrix, f"{name} counts ({where})", shape)
-        empty = np.flatnonzero(_row_sums(matrix) <= 0)
+        store = _store(_layer(adata, layer), f"{name} counts ({where})", shape)
+        library = store.scan(check=True)
+        empty = np.flatnonzero(library <= 0)
         if empty.size:
             raise ValueError(
                 f"{empty.size} cell(s) have no {name} counts (e.g. {adata.obs_names[empty[0]]!r}); "
                 "their library size is zero. Filter them out first (e.g. sc.pp.filter_cells)."
             )
+        if not store.in_memory:
+            remember_library(adata, layer, library)
     key = perturbation_key
-    if key is not None and key not in adata.obs:
+    if key is not None and key not in obs_columns(adata):
         if contrastive:
             raise KeyError(
-                f"perturbation key {key!r} not found in adata.obs (columns: {list(adata.obs)})"
+                f"perturbation key {key!r} not found in adata.obs (columns: {obs_columns(adata)})"
             )
         key = None
     if key is not None:
-        labels = adata.obs[key].astype(str).to_numpy()
+        labels = obs_labels(adata, key)
         present = set(labels)
         absent = [c for c in control_labels if c not in present]
         if contrastive:
@@ -233,11 +243,13 @@ def make_registry(adata: Any) -> Registry:
     """Build the :class:`Registry` of an AnnData prepared by :func:`setup_anndata`."""
     args = _setup_args(adata)
     key = args["perturbation_key"]
-    labels = sorted(set(adata.obs[key].astype(str))) if key is not None else []
-    mature = _row_sums(_layer(adata, args["mature_layer"]))
-    reference = {"nascent": float("nan"), "mature": float(np.median(mature))}
-    if args["use_nascent"]:
-        reference["nascent"] = float(np.median(_row_sums(_layer(adata, args["nascent_layer"]))))
+    labels = sorted(set(obs_labels(adata, key))) if key is not None else []
+    shape = (adata.n_obs, adata.n_vars)
+    reference = {"nascent": float("nan"), "mature": float("nan")}
+    for name in ("mature", "nascent") if args["use_nascent"] else ("mature",):
+        layer = args[f"{name}_layer"]
+        store = _store(_layer(adata, layer), f"{name} counts", shape)
+        reference[name] = float(np.median(library_of(adata, layer, store, check=False)))
     return Registry(
         n_cells=int(adata.n_obs),
         n_genes=int(adata.n_vars),
@@ -265,58 +277,108 @@ class CellData:
         The model's registry: layers, labels and control labels are read from it.
     check
         Validate the counts of ``adata``.
+    block_size
+        Shuffled iteration cuts the rows into blocks of this many contiguous rows,
+        shuffles the blocks, and shuffles the cells of ``load_blocks`` blocks at a time
+        (cheap reads from disk). ``None`` shuffles single cells. Default: ``None`` when
+        every count matrix is in memory, :data:`pybivi.storage.DEFAULT_BLOCK_SIZE` when
+        one is on disk. The attribute may be changed later.
+    load_blocks
+        Blocks loaded (and their cells shuffled together) at a time.
+
+    Attributes
+    ----------
+    n_cells : int
+    library : dict of str to numpy.ndarray
+        Per-species library sizes (float32).
+    label : numpy.ndarray
+        Index into the registry's labels (``-1``: unseen label or no labels).
+    is_control : numpy.ndarray
+    in_memory : bool
+        Whether every count matrix is in memory.
     """
 
-    def __init__(self, adata: Any, registry: Registry, check: bool = True) -> None:
+    def __init__(
+        self,
+        adata: Any,
+        registry: Registry,
+        check: bool = True,
+        block_size: int | None | str = "auto",
+        load_blocks: int = 8,
+    ) -> None:
         registry.check_genes(adata)
         self.n_cells = int(adata.n_obs)
         shape = (adata.n_obs, adata.n_vars)
-        self._matrices: dict[str, Any] = {}
+        self._stores: dict[str, CountStore] = {}
+        self.library: dict[str, np.ndarray] = {}
         species = [("mature", registry.mature_layer)]
         if registry.use_nascent:
             species.append(("nascent", registry.nascent_layer))
         for name, layer in species:
-            matrix = _layer(adata, layer)
-            if check:
-                _check_counts(matrix, f"{name} counts", shape)
-            # CSR makes row slicing cheap; dense stays dense (no copy for float32 input).
-            matrix = sp.csr_matrix(matrix) if sp.issparse(matrix) else np.asarray(matrix)
-            self._matrices[name] = matrix
-        self.library = {name: _row_sums(m).astype(np.float32) for name, m in self._matrices.items()}
+            store = _store(_layer(adata, layer), f"{name} counts", shape)
+            self._stores[name] = store
+            self.library[name] = library_of(adata, layer, store, check).astype(np.float32)
         if check and any((lib <= 0).any() for lib in self.library.values()):
             raise ValueError("some cells have a zero library size; filter them out first")
+        self.in_memory = all(store.in_memory for store in self._stores.values())
+        if isinstance(block_size, str) and block_size == "auto":
+            block_size = None if self.in_memory else DEFAULT_BLOCK_SIZE
+        self.block_size = block_size
+        if int(load_blocks) < 1:
+            raise ValueError(f"load_blocks must be >= 1, got {load_blocks}")
+        self.load_blocks = int(load_blocks)
         self.label = np.full(self.n_cells, -1, dtype=np.int64)
         self.is_control = np.zeros(self.n_cells, dtype=bool)
         key = registry.perturbation_key
         if key is not None:
-            if key not in adata.obs:
+            if key not in obs_columns(adata):
                 raise KeyError(f"perturbation key {key!r} not found in adata.obs")
-            labels = adata.obs[key].astype(str).to_numpy()
+            labels = obs_labels(adata, key)
             lookup = {label: i for i, label in enumerate(registry.labels)}
             self.label = np.array([lookup.get(lab, -1) for lab in labels], dtype=np.int64)
             self.is_control = np.isin(labels, registry.control_labels)
 
-    def gene_totals(self, indices: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Each species' total count per gene over the cells at rows ``indices`` (default all)."""
+    def gene_totals(self) -> dict[str, np.ndarray]:
+        """Each species' total count per gene, in one pass over row blocks (no full copy)."""
         out = {}
-        for name, matrix in self._matrices.items():
-            rows = matrix if indices is None else matrix[np.asarray(indices, dtype=np.int64)]
-            out[name] = np.asarray(rows.sum(axis=0), dtype=np.float64).ravel()
+        for name, store in self._stores.items():
+            total = None
+            for _, rows in store.blocks():
+                part = np.asarray(rows.sum(axis=0), dtype=np.float64).ravel()
+                total = part if total is None else total + part
+            out[name] = total
         return out
 
-    def batch(self, indices: np.ndarray, device: torch.device | str = "cpu") -> dict[str, Any]:
-        """The batch dictionary of the cells at rows ``indices``."""
-        indices = np.asarray(indices, dtype=np.int64)
+    @property
+    def block_size(self) -> int | None:
+        """Contiguous rows per shuffled block (``None``: single cells are shuffled)."""
+        return self._block_size
+
+    @block_size.setter
+    def block_size(self, value: int | None) -> None:
+        valid = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+        if value is not None and not valid:
+            raise ValueError(f"block_size must be a positive integer or None, got {value!r}")
+        self._block_size = None if value is None else int(value)
+
+    def _rows(self, indices: np.ndarray) -> dict[str, Any]:
+        return {name: store.read(indices) for name, store in self._stores.items()}
+
+    def _to_batch(self, indices: np.ndarray, rows: dict[str, Any], device: Any) -> dict[str, Any]:
         out: dict[str, torch.Tensor] = {}
-        for name, matrix in self._matrices.items():
-            rows = matrix[indices]
-            rows = rows.toarray() if sp.issparse(rows) else rows
-            out[f"x_{name}"] = torch.as_tensor(np.asarray(rows, dtype=np.float32), device=device)
+        for name, block in rows.items():
+            block = block.toarray() if sp.issparse(block) else block
+            out[f"x_{name}"] = torch.as_tensor(np.asarray(block, dtype=np.float32), device=device)
             out[f"library_{name}"] = torch.as_tensor(self.library[name][indices], device=device)
         out["label"] = torch.as_tensor(self.label[indices], device=device)
         out["is_control"] = torch.as_tensor(self.is_control[indices], device=device)
         out["index"] = torch.as_tensor(indices, device=device)
         return out
+
+    def batch(self, indices: np.ndarray, device: torch.device | str = "cpu") -> dict[str, Any]:
+        """The batch dictionary of the cells at rows ``indices``."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return self._to_batch(indices, self._rows(indices), device)
 
     def iterate(
         self,
@@ -329,16 +391,32 @@ class CellData:
     ) -> Iterator[dict[str, Any]]:
         """Yield batch dictionaries over ``indices`` (all cells by default).
 
-        ``drop_singleton`` drops a trailing batch of one cell, which batch
-        normalisation cannot train on.
+        Shuffling follows :attr:`block_size` (single cells, or shuffled blocks of
+        contiguous rows). ``drop_singleton`` drops a trailing batch of one cell, which
+        batch normalisation cannot train on.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         order = np.arange(self.n_cells) if indices is None else np.asarray(indices, dtype=np.int64)
         if shuffle:
-            order = (rng if rng is not None else np.random.default_rng()).permutation(order)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            if drop_singleton and len(chunk) == 1 and len(order) > 1:
-                continue
-            yield self.batch(chunk, device=device)
+            rng = rng if rng is not None else np.random.default_rng()
+            if self.block_size is None:
+                order = rng.permutation(order)
+            else:
+                order = shuffled_blocks(order, int(self.block_size), self.load_blocks, rng)
+        # On disk, the rows of several batches are read at once (few contiguous reads).
+        cells = (self.block_size or DEFAULT_BLOCK_SIZE) * self.load_blocks
+        window = len(order) if self.in_memory else batch_size * math.ceil(cells / batch_size)
+        for first in range(0, len(order), max(window, 1)):
+            part = order[first : first + window]
+            loaded = None if self.in_memory else self._rows(part)
+            for start in range(0, len(part), batch_size):
+                chunk = part[start : start + batch_size]
+                if drop_singleton and len(chunk) == 1 and len(order) > 1:
+                    continue
+                if loaded is None:
+                    yield self.batch(chunk, device=device)
+                else:
+                    rows = {name: m[start : start + batch_size] for name, m in loaded.items()}
+                    yield self._to_batch(chunk, rows, device)
+

@@ -178,16 +178,30 @@ def quiet_backend(module: Any):
     return quiet() if callable(quiet) else contextlib.nullcontext()
 
 
+#: cells evaluated by the out-of-domain check that ends every training run (a random sample
+#: above this number)
+AFTER_TRAINING_CELLS = 20_000
+
+
 def after_training(model: Any) -> None:
     """Record the out-of-domain table at the final parameters; warn once per model.
 
     Stores :func:`domain_table` as ``model.training_diagnostics`` (the table at the end
     of the latest training run) and, the first time a model ends a training run with
     pairs outside the domain, gives a :class:`UserWarning` with the shares by region.
+    Above :data:`AFTER_TRAINING_CELLS` cells the shares are estimated on that many cells
+    drawn at random (fixed seed), so that the check costs a bounded pass on a large data
+    set; ``model.diagnostics()`` evaluates every cell.
     """
     if not applies(model):
         return
-    table = domain_table(model)
+    n_cells = int(model.registry.n_cells)
+    indices = None
+    if n_cells > AFTER_TRAINING_CELLS:
+        rng = np.random.default_rng(0)
+        # Sorted rows: on-disk data is then read in increasing order.
+        indices = np.sort(rng.choice(n_cells, AFTER_TRAINING_CELLS, replace=False))
+    table = domain_table(model, indices=indices)
     model.training_diagnostics = table
     share = float(table.loc["outside", "share"])
     if share > 0 and not getattr(model, "_domain_warned", False):

@@ -38,6 +38,7 @@ import torch
 from pyro import poutine
 
 from pybivi._idata import DrawBuffers
+from pybivi.storage import obs_columns, obs_labels
 
 __all__ = [
     "posterior",
@@ -300,9 +301,10 @@ def select_cells(
         if groups is not None or max_cells_per_group is not None:
             raise ValueError("groups= and max_cells_per_group= need groupby=")
         return rows
-    if groupby not in adata.obs:
-        raise KeyError(f"groupby column {groupby!r} not in adata.obs (columns: {list(adata.obs)})")
-    labels = adata.obs[groupby].astype(str).to_numpy()[rows]
+    if groupby not in obs_columns(adata):
+        columns = obs_columns(adata)
+        raise KeyError(f"groupby column {groupby!r} not in adata.obs (columns: {columns})")
+    labels = obs_labels(adata, groupby)[rows]
     wanted = np.unique(labels) if groups is None else [str(g) for g in groups]
     unknown = [g for g in wanted if g not in set(labels)]
     if unknown:

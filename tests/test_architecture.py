@@ -114,7 +114,7 @@ LAYERS = [
     ("pybivi.tl",),
     ("pybivi.models", "pybivi.posterior", "pybivi._idata"),
     ("pybivi.training", "pybivi.training_plan", "pybivi.training_data"),
-    ("pybivi.module", "pybivi.diagnostics", "pybivi.nn", "pybivi.data"),
+    ("pybivi.module", "pybivi.diagnostics", "pybivi.nn", "pybivi.data", "pybivi.storage"),
     ("pybivi.distributions",),
     ("pybivi.schemes", "pybivi.datasets", "pybivi.pp"),
     ("pybivi.cme", "pybivi._allocator"),

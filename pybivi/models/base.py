@@ -249,6 +249,20 @@ class BaseModel:
     def _cell_data(self, adata: Any) -> _data.CellData:
         return _data.CellData(adata, self.registry, check=True)
 
+    @property
+    def shuffle_block_size(self) -> int | None:
+        """Contiguous rows per shuffled training block; ``None`` shuffles single cells.
+
+        Default: ``None`` when the counts are in memory,
+        :data:`pybivi.storage.DEFAULT_BLOCK_SIZE` when they stay on disk (see
+        :class:`pybivi.data.CellData`). Set it before :meth:`train`.
+        """
+        return self._cells.block_size
+
+    @shuffle_block_size.setter
+    def shuffle_block_size(self, value: int | None) -> None:
+        self._cells.block_size = value
+
     def to(self, device: str | torch.device) -> BaseModel:
         """Move the module to ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``...)."""
         self.device = _resolve_device(device)

@@ -11,13 +11,15 @@ from typing import Any
 
 import numpy as np
 
+from pybivi.storage import obs_columns, obs_labels
+
 __all__ = [
     "is_idata",
     "group_masks",
     "model_labels",
     "Sampler",
     "default_kinetic_params",
-    "mature_counts",
+    "mature_group_means",
 ]
 
 
@@ -58,14 +60,16 @@ def group_masks(
 
 
 def model_labels(model: Any, groupby: str) -> tuple[np.ndarray, np.ndarray | None]:
-    obs = model.adata.obs
-    if groupby not in obs:
-        raise KeyError(f"groupby column {groupby!r} not in adata.obs (columns: {list(obs)})")
+    adata = model.adata
+    if groupby not in obs_columns(adata):
+        raise KeyError(
+            f"groupby column {groupby!r} not in adata.obs (columns: {obs_columns(adata)})"
+        )
     reg = model.registry
     ctrl = None
     if reg.perturbation_key is not None:
-        ctrl = obs[reg.perturbation_key].astype(str).isin(reg.control_labels).to_numpy()
-    return obs[groupby].astype(str).to_numpy(), ctrl
+        ctrl = np.isin(obs_labels(adata, reg.perturbation_key), reg.control_labels)
+    return obs_labels(adata, groupby), ctrl
 
 
 def _idata_samples(idata: Any, name: str, mask: np.ndarray) -> np.ndarray:
@@ -140,8 +144,18 @@ def default_kinetic_params(source: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
-def mature_counts(model: Any):
-    reg = model.registry
-    adata = model.adata
-    x = adata.X if reg.mature_layer is None else adata.layers[reg.mature_layer]
-    return x.tocsr() if hasattr(x, "tocsr") else np.asarray(x)
+def mature_group_means(model: Any, masks: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Mean observed mature count per gene of each group of cells (boolean ``masks``).
+
+    One streamed pass over the cells of the groups (minibatches of the model's AnnData),
+    so counts kept on disk are never loaded whole.
+    """
+    masks = [np.asarray(mask, dtype=bool) for mask in masks]
+    rows = np.flatnonzero(np.any(np.stack(masks), axis=0))
+    sums = [np.zeros(model.registry.n_genes) for _ in masks]
+    for batch in model.make_batches(indices=rows, batch_size=1024):
+        index = batch["index"].cpu().numpy()
+        x = batch["x_mature"].double().cpu().numpy()
+        for total, mask in zip(sums, masks, strict=True):
+            total += x[mask[index]].sum(axis=0)
+    return [total / max(int(mask.sum()), 1) for total, mask in zip(sums, masks, strict=True)]

@@ -39,7 +39,7 @@ from pybivi.tl._de_sources import (
     default_kinetic_params,
     group_masks,
     is_idata,
-    mature_counts,
+    mature_group_means,
 )
 from pybivi.tl._de_summary import call_counts, overlap_table
 from pybivi.tl._de_weights import cell_weights_for, thin_masks
@@ -390,7 +390,10 @@ def mean(
     ref_mask, masks = group_masks(sampler.labels, sampler.is_control, group, reference, groupby)
     ref_mask, masks = thin_masks(ref_mask, masks, cell_weights, seed)
     ref_scales = sampler(ref_mask, ["rho_mature"], salt=0)["rho_mature"]
-    observed = None if is_idata(model_or_idata) else mature_counts(model_or_idata)
+    observed = None
+    if pseudocounts is None and not is_idata(model_or_idata):
+        means = mature_group_means(model_or_idata, [ref_mask, *masks.values()])
+        observed = {"reference": means[0], "groups": dict(zip(masks, means[1:], strict=True))}
     tables = []
     for k, (g, mask) in enumerate(masks.items()):
         scales = sampler(mask, ["rho_mature"], salt=k + 1)["rho_mature"]
@@ -399,8 +402,8 @@ def mean(
             if observed is None:
                 eps = 1e-10  # no counts at hand: scvi-tools' floor
             else:
-                zero_a = np.asarray(observed[mask].mean(0)).ravel() < threshold_counts
-                zero_b = np.asarray(observed[ref_mask].mean(0)).ravel() < threshold_counts
+                zero_a = observed["groups"][g] < threshold_counts
+                zero_b = observed["reference"] < threshold_counts
                 eps = estimate_pseudocounts(scales, ref_scales, zero_a, zero_b)
         res = change_bayes_factors(scales, ref_scales, delta, eps, n_pairs, seed=seed + k + 1)
         cols = {"group": g, "reference": reference}

@@ -1,0 +1,322 @@
+"""Row access to count matrices held in memory or on disk.
+
+A :class:`CountStore` wraps one count matrix of an AnnData (``adata.X`` or a layer) and
+reads rows of it without ever loading the whole matrix when it lives on disk:
+
+* in memory: scipy sparse (kept as CSR) or a NumPy array;
+* on disk: anndata's backed sparse datasets (``anndata.read_h5ad(path, backed="r")``
+  for ``X``, :func:`open_lazy` for every layer), HDF5/zarr dense arrays, and the dask
+  arrays of ``anndata.experimental.read_lazy``.
+
+Reading a contiguous block of rows from disk costs about as much as reading a handful of
+scattered rows (one HDF5 or zarr read per contiguous run), so on-disk rows are always
+read as few contiguous runs (:meth:`CountStore.read`), and training shuffles blocks of
+contiguous rows instead of single cells (see :mod:`pybivi.data`), as in scverse's
+annbatch loader.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "CountStore",
+    "check_count_values",
+    "library_of",
+    "obs_columns",
+    "obs_labels",
+    "open_lazy",
+    "remember_library",
+    "shuffled_blocks",
+]
+
+#: Contiguous rows per shuffled block for on-disk data (benchmarks/scale.py measures
+#: the read cost per cell: 2048 rows amortise a read to a few microseconds per cell).
+DEFAULT_BLOCK_SIZE = 2048
+#: Rows per read when scanning a whole matrix (setup checks, library sizes).
+SCAN_BLOCK_SIZE = 8192
+#: Two requested rows closer than this are read in one contiguous run (the rows between
+#: them are read and dropped: cheaper than a second read).
+_MAX_GAP = 64
+
+
+def _is_dask(matrix: Any) -> bool:
+    return type(matrix).__module__.startswith("dask.") and hasattr(matrix, "compute")
+
+
+def _is_sparse_dataset(matrix: Any) -> bool:
+    from anndata.abc import CSCDataset, CSRDataset
+
+    return isinstance(matrix, (CSRDataset, CSCDataset))
+
+
+def _is_disk_array(matrix: Any) -> bool:
+    """An HDF5 or zarr array (dense, read by slicing)."""
+    module = type(matrix).__module__
+    return module.startswith(("h5py", "zarr")) and hasattr(matrix, "shape")
+
+
+class CountStore:
+    """Rows of one count matrix, in memory or on disk.
+
+    Parameters
+    ----------
+    matrix
+        The matrix (see the module docstring for the kinds accepted).
+    what
+        How to name the matrix in error messages (e.g. ``"mature counts (layer 'spliced')"``).
+
+    Raises
+    ------
+    TypeError
+        The matrix is of a kind that cannot be read by rows.
+    ValueError
+        An on-disk sparse matrix is stored by columns (CSC): reading one cell would read
+        the whole matrix.
+    """
+
+    def __init__(self, matrix: Any, what: str) -> None:
+        if matrix is None:
+            raise ValueError(f"{what} is empty (None)")
+        self.what = what
+        self.shape = tuple(int(s) for s in matrix.shape)
+        self.in_memory = True
+        if sp.issparse(matrix):
+            # CSR makes row slicing cheap; dense stays dense (no copy for float32 input).
+            self.matrix: Any = sp.csr_matrix(matrix)
+        elif isinstance(matrix, np.ndarray):
+            self.matrix = np.asarray(matrix)
+        elif _is_sparse_dataset(matrix) or _is_disk_array(matrix) or _is_dask(matrix):
+            meta = getattr(matrix, "_meta", None)  # a dask array's chunk type
+            layout = getattr(meta if sp.issparse(meta) else matrix, "format", "csr")
+            if layout == "csc":
+                raise ValueError(
+                    f"{what} is stored on disk by columns (CSC); reading cells needs rows. "
+                    "Write it by rows first (e.g. adata.layers[name] = "
+                    "adata.layers[name].tocsr() before adata.write_h5ad)."
+                )
+            self.matrix, self.in_memory = matrix, False
+        elif hasattr(matrix, "__array__"):
+            self.matrix = np.asarray(matrix)
+        else:
+            raise TypeError(f"{what} has an unsupported type {type(matrix).__name__}")
+        self.dtype = np.dtype(self.matrix.dtype)
+
+    @property
+    def n_rows(self) -> int:
+        """Number of rows (cells)."""
+        return self.shape[0]
+
+    def read_slice(self, start: int, stop: int) -> Any:
+        """Rows ``start:stop`` in memory (scipy CSR or a NumPy array), one read."""
+        block = self.matrix[start:stop]
+        if _is_dask(block):
+            block = block.compute()
+        return sp.csr_matrix(block) if sp.issparse(block) else np.asarray(block)
+
+    def read(self, rows: np.ndarray) -> Any:
+        """Rows ``rows`` (any order, repeats allowed) in memory, in that order.
+
+        In memory this is plain indexing. On disk the distinct rows are read as few
+        contiguous runs (rows less than ``_MAX_GAP`` apart share a run) and reordered.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.in_memory:
+            return self.matrix[rows]
+        if rows.size == 0:
+            return self.read_slice(0, 0)
+        wanted, position = np.unique(rows, return_inverse=True)
+        breaks = np.flatnonzero(np.diff(wanted) > _MAX_GAP) + 1
+        parts = []
+        for run in np.split(wanted, breaks):
+            block = self.read_slice(int(run[0]), int(run[-1]) + 1)
+            parts.append(block[run - run[0]])
+        stacked = sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.concatenate(parts)
+        return stacked[position]
+
+    def blocks(self, block_size: int | None = None) -> Iterator[tuple[int, Any]]:
+        """``(start, rows)`` for consecutive blocks of ``block_size`` rows, in order.
+
+        ``None``: :data:`SCAN_BLOCK_SIZE` rows.
+        """
+        block_size = block_size or SCAN_BLOCK_SIZE
+        for start in range(0, self.n_rows, block_size):
+            yield start, self.read_slice(start, min(start + block_size, self.n_rows))
+
+    def scan(self, check: bool = True, block_size: int | None = None) -> np.ndarray:
+        """Per-row sums (library sizes, float64), checking the counts on the way.
+
+        One pass over the matrix: the whole of it when in memory, blocks of
+        ``block_size`` rows (default :data:`SCAN_BLOCK_SIZE`) when on disk.
+
+        Raises
+        ------
+        ValueError
+            ``check`` is true and the counts are not finite non-negative integers.
+        """
+        if check:
+            check_count_dtype(self.dtype, self.what)
+        if self.in_memory:
+            if check:
+                values = self.matrix.data if sp.issparse(self.matrix) else self.matrix
+                check_count_values(np.asarray(values), self.what)
+            return np.asarray(self.matrix.sum(axis=1), dtype=np.float64).ravel()
+        sums = np.empty(self.n_rows, dtype=np.float64)
+        for start, block in self.blocks(block_size):
+            if check:
+                check_count_values(block.data if sp.issparse(block) else block, self.what)
+            sums[start : start + block.shape[0]] = np.asarray(block.sum(axis=1)).ravel()
+        return sums
+
+
+def check_count_dtype(dtype: np.dtype, what: str) -> None:
+    """Raise ``ValueError`` unless ``dtype`` is numeric."""
+    if not np.issubdtype(np.dtype(dtype), np.number):
+        raise ValueError(f"{what} must be numeric, got dtype {dtype}")
+
+
+def check_count_values(values: np.ndarray, what: str) -> None:
+    """Raise ``ValueError`` unless ``values`` are finite non-negative integers."""
+    values = np.asarray(values)
+    check_count_dtype(values.dtype, what)
+    if values.size == 0:
+        return
+    if np.issubdtype(values.dtype, np.floating):
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"{what} contains NaN or infinite values; counts must be finite")
+        if np.any(values != np.round(values)):
+            raise ValueError(
+                f"{what} contains non-integer values; pybivi needs raw counts, not normalised data"
+            )
+    if values.min() < 0:
+        raise ValueError(f"{what} contains negative values; counts must be >= 0")
+
+
+def open_lazy(path: str | Path) -> Any:
+    """Open an ``.h5ad`` file or a ``.zarr`` store with every count matrix left on disk.
+
+    ``obs``, ``var`` and ``uns`` are read into memory (small: one row per cell or gene);
+    ``X`` and the layers stay on disk as anndata's backed sparse datasets (sparse
+    matrices) or HDF5/zarr arrays (dense ones), read a block of rows at a time by pybivi.
+    ``obsm``, ``varm``, ``obsp`` and ``varp`` are not opened. This needs nothing beyond
+    anndata itself; ``anndata.experimental.read_lazy`` (which needs dask) works too.
+
+    Parameters
+    ----------
+    path
+        An ``.h5ad`` file or a zarr store written by ``adata.write_h5ad`` /
+        ``adata.write_zarr``.
+
+    Returns
+    -------
+    anndata.AnnData
+        Keep it (and so the open file) alive while a model uses it.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist.
+    ValueError
+        ``path`` is neither an HDF5 file nor a zarr store.
+    """
+    import anndata as ad
+    from anndata.io import read_elem, sparse_dataset
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or store: {path}")
+    if path.is_dir():
+        import zarr
+
+        root: Any = zarr.open_group(str(path), mode="r")
+    else:
+        import h5py
+
+        if not h5py.is_hdf5(path):
+            raise ValueError(f"{path} is neither an HDF5 (.h5ad) file nor a zarr store")
+        root = h5py.File(path, "r")
+
+    def on_disk(elem: Any) -> Any:
+        encoding = elem.attrs.get("encoding-type", "array")
+        return sparse_dataset(elem) if encoding in ("csr_matrix", "csc_matrix") else elem
+
+    layers = {}
+    if "layers" in root:
+        layers = {name: on_disk(root["layers"][name]) for name in root["layers"].keys()}
+    return ad.AnnData(
+        X=on_disk(root["X"]) if "X" in root else None,
+        obs=read_elem(root["obs"]),
+        var=read_elem(root["var"]),
+        uns=read_elem(root["uns"]) if "uns" in root else None,
+        layers=layers,
+    )
+
+
+def shuffled_blocks(
+    indices: np.ndarray, block_size: int, load_blocks: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``indices`` in block-shuffled order.
+
+    The sorted indices are cut into blocks of ``block_size`` consecutive entries (close
+    rows on disk); the blocks are put in random order, and the cells of each run of
+    ``load_blocks`` blocks are shuffled together.
+    """
+    rows = np.sort(np.asarray(indices, dtype=np.int64))
+    starts = np.arange(0, len(rows), block_size)
+    blocks = rng.permutation(len(starts))
+    out = []
+    for first in range(0, len(blocks), load_blocks):
+        chosen = blocks[first : first + load_blocks]
+        cells = np.concatenate([rows[starts[b] : starts[b] + block_size] for b in chosen])
+        out.append(rng.permutation(cells))
+    return np.concatenate(out) if out else rows
+
+
+# Library sizes of on-disk layers validated by setup_anndata, so that the model built
+# right after it does not read the whole layer again: {(id(adata), layer): (ref, sizes)}.
+_SCANNED: dict[tuple[int, str | None], tuple[weakref.ref, np.ndarray]] = {}
+
+
+def remember_library(adata: Any, layer: str | None, library: np.ndarray) -> None:
+    """Keep the library sizes of ``adata``'s ``layer`` (``None``: ``X``) while it lives."""
+    for key in [k for k, (ref, _) in _SCANNED.items() if ref() is None]:
+        del _SCANNED[key]
+    _SCANNED[(id(adata), layer)] = (weakref.ref(adata), library)
+
+
+def library_of(adata: Any, layer: str | None, store: CountStore, check: bool) -> np.ndarray:
+    """Library sizes of ``store`` (``adata``'s ``layer``), remembered when on disk.
+
+    An on-disk layer already scanned (and so checked) for the same AnnData object is
+    not read again.
+    """
+    if not store.in_memory:
+        ref, library = _SCANNED.get((id(adata), layer), (None, None))
+        if ref is not None and ref() is adata and len(library) == store.n_rows:
+            return library
+    library = store.scan(check=check)
+    if not store.in_memory:
+        remember_library(adata, layer, library)
+    return library
+
+
+def obs_columns(adata: Any) -> list[str]:
+    """Column names of ``adata.obs`` (a pandas frame, or the lazy frame of ``read_lazy``)."""
+    return [str(c) for c in adata.obs.columns]
+
+
+def obs_labels(adata: Any, key: str) -> np.ndarray:
+    """``adata.obs[key]`` as an array of strings (pandas or lazy ``obs``)."""
+    column = adata.obs[key]
+    if isinstance(column, pd.Series):
+        return column.astype(str).to_numpy()
+    values = column.to_numpy() if hasattr(column, "to_numpy") else np.asarray(column)
+    return np.asarray(values).astype(str)
