@@ -19,6 +19,15 @@ Batch dictionaries (the contract every consumer relies on)
     bool tensor ``(B,)``.
 ``"index"``
     long tensor ``(B,)``: the row of each cell in its AnnData.
+``"batch_index"``
+    long tensor ``(B,)``: index into :attr:`Registry.batch_categories` (only when a
+    ``batch_key`` was registered).
+``"categorical_covariates"``
+    long tensor ``(B, K)``: per registered categorical covariate, the index into its
+    :attr:`Registry.categorical_covariate_categories` (only when some were registered).
+``"continuous_covariates"``
+    float tensor ``(B, C)``: the registered continuous covariates (only when some were
+    registered).
 
 Counts may be scipy sparse: they stay sparse in the AnnData and only the rows of
 one minibatch are densified.
@@ -60,6 +69,14 @@ class Registry:
     reference_library
         ``{"nascent": float, "mature": float}``: the median per-species library of the
         training cells (``nan`` for a species the model does not use).
+    batch_key, batch_categories
+        ``obs`` column of the batch (``None``: no batch) and its sorted categories; the
+        batch enters the networks one-hot (scVI's ``batch_key``).
+    categorical_covariate_keys, categorical_covariate_categories
+        ``obs`` columns of other categorical covariates and, per column, its sorted
+        categories (each enters one-hot).
+    continuous_covariate_keys
+        ``obs`` columns of continuous covariates (each enters as its value).
     """
 
     n_cells: int
@@ -73,6 +90,50 @@ class Registry:
     mature_layer: str | None
     use_nascent: bool
     reference_library: dict[str, float]
+    # Defaults keep registries saved before covariates existed loadable.
+    batch_key: str | None = None
+    batch_categories: list[str] = dataclasses.field(default_factory=list)
+    categorical_covariate_keys: list[str] = dataclasses.field(default_factory=list)
+    categorical_covariate_categories: list[list[str]] = dataclasses.field(default_factory=list)
+    continuous_covariate_keys: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def n_batch(self) -> int:
+        """Number of batches (0 without a ``batch_key``)."""
+        return len(self.batch_categories)
+
+    @property
+    def has_covariates(self) -> bool:
+        """Whether a batch or any covariate was registered."""
+        return bool(
+            self.batch_key or self.categorical_covariate_keys or self.continuous_covariate_keys
+        )
+
+    def covariate_sizes(self) -> dict[str, Any]:
+        """Module arguments describing the covariates (empty without covariates)."""
+        if not self.has_covariates:
+            return {}
+        return {
+            "n_batch": self.n_batch,
+            "n_cats_per_covariate": [len(c) for c in self.categorical_covariate_categories],
+            "n_continuous_covariates": len(self.continuous_covariate_keys),
+        }
+
+    def batch_codes(self, values: Any) -> np.ndarray:
+        """Batch categories (a category or a list of them) as indices into
+        :attr:`batch_categories`.
+
+        Raises
+        ------
+        ValueError
+            No batch was registered, or a category is not one of the registered ones.
+        """
+        if self.batch_key is None:
+            raise ValueError("the model was set up without batch_key: there is no batch to choose")
+        values = [values] if isinstance(values, str) or np.ndim(values) == 0 else list(values)
+        return _category_codes(
+            np.asarray([str(v) for v in values]), self.batch_categories, "transform_batch"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable copy."""
@@ -133,6 +194,90 @@ def _row_sums(matrix: Any) -> np.ndarray:
     return np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()
 
 
+def _as_key_list(keys: Sequence[str] | str | None, what: str) -> list[str]:
+    if keys is None:
+        return []
+    if isinstance(keys, str):
+        return [keys]
+    keys = [str(k) for k in keys]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{what} lists a column twice: {keys}")
+    return keys
+
+
+def _category_codes(values: np.ndarray, categories: Sequence[str], what: str) -> np.ndarray:
+    """Indices of ``values`` in ``categories``; a value outside them is an error."""
+    lookup = {c: i for i, c in enumerate(categories)}
+    unseen = sorted(set(values) - set(lookup))
+    if unseen:
+        raise ValueError(
+            f"{what} has categories the model was not trained with: {unseen[:5]} "
+            f"(known: {list(categories)[:10]}); a model can only embed or decode the "
+            "categories it was set up with"
+        )
+    return np.array([lookup[v] for v in values], dtype=np.int64)
+
+
+def _categorical_column(adata: Any, key: str, what: str) -> np.ndarray:
+    """``obs[key]`` as strings; a missing column or value is an error."""
+    if key not in adata.obs:
+        raise KeyError(f"{what} {key!r} not found in adata.obs (columns: {list(adata.obs)})")
+    column = adata.obs[key]
+    if column.isna().any():
+        raise ValueError(f"{what} adata.obs[{key!r}] has {int(column.isna().sum())} missing values")
+    return column.astype(str).to_numpy()
+
+
+def _continuous_column(adata: Any, key: str) -> np.ndarray:
+    """``obs[key]`` as float32; a missing column, non-numeric or non-finite value is an error."""
+    what = "continuous covariate"
+    if key not in adata.obs:
+        raise KeyError(f"{what} {key!r} not found in adata.obs (columns: {list(adata.obs)})")
+    column = adata.obs[key]
+    if not np.issubdtype(column.dtype, np.number) or column.dtype == bool:
+        raise ValueError(f"{what} adata.obs[{key!r}] must be numeric, got dtype {column.dtype}")
+    values = column.to_numpy(dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        bad = int((~np.isfinite(values)).sum())
+        raise ValueError(f"{what} adata.obs[{key!r}] has {bad} NaN or infinite value(s)")
+    return values.astype(np.float32)
+
+
+def covariate_arrays(adata: Any, registry: Registry) -> dict[str, np.ndarray]:
+    """Per-cell covariate codes of ``adata`` under ``registry`` (the batch dict's arrays).
+
+    Returns ``{"batch_index": (n,), "categorical_covariates": (n, K),
+    "continuous_covariates": (n, C)}``, each only when registered.
+
+    Raises
+    ------
+    KeyError
+        A registered column is missing from ``adata.obs``.
+    ValueError
+        A category the model was not set up with, a missing value, or a NaN.
+    """
+    out: dict[str, np.ndarray] = {}
+    if registry.batch_key is not None:
+        values = _categorical_column(adata, registry.batch_key, "batch key")
+        what = f"adata.obs[{registry.batch_key!r}] (the batch)"
+        out["batch_index"] = _category_codes(values, registry.batch_categories, what)
+    if registry.categorical_covariate_keys:
+        codes = []
+        pairs = zip(
+            registry.categorical_covariate_keys,
+            registry.categorical_covariate_categories,
+            strict=True,
+        )
+        for key, categories in pairs:
+            values = _categorical_column(adata, key, "categorical covariate")
+            codes.append(_category_codes(values, categories, f"adata.obs[{key!r}]"))
+        out["categorical_covariates"] = np.stack(codes, axis=1)
+    if registry.continuous_covariate_keys:
+        columns = [_continuous_column(adata, k) for k in registry.continuous_covariate_keys]
+        out["continuous_covariates"] = np.stack(columns, axis=1)
+    return out
+
+
 def setup_anndata(
     adata: Any,
     perturbation_key: str | None = "perturbation",
@@ -141,6 +286,9 @@ def setup_anndata(
     mature_layer: str | None = "spliced",
     use_nascent: bool = True,
     contrastive: bool = True,
+    batch_key: str | None = None,
+    categorical_covariate_keys: Sequence[str] | None = None,
+    continuous_covariate_keys: Sequence[str] | None = None,
 ) -> None:
     """Validate ``adata`` and record the setup in ``adata.uns["_pybivi"]``.
 
@@ -160,14 +308,24 @@ def setup_anndata(
         Whether the model reads nascent counts (false for mature-only models).
     contrastive
         Whether the model needs both control and perturbed cells.
+    batch_key
+        ``obs`` column of the batch (as scVI's ``batch_key``): one-hot into the
+        encoders and the decoder, so that latents and decoded quantities are corrected
+        for it.
+    categorical_covariate_keys
+        Other categorical ``obs`` columns, each injected one-hot like the batch.
+    continuous_covariate_keys
+        Numeric ``obs`` columns injected as values (e.g. percent mitochondrial counts).
 
     Raises
     ------
     KeyError
-        A layer or the perturbation key is missing.
+        A layer, the perturbation key or a covariate column is missing.
     ValueError
         Counts are negative, non-integer, NaN or of mismatched shapes; a cell has no
-        counts in a species; a control label never occurs; no control or no perturbed cells.
+        counts in a species; a control label never occurs; no control or no perturbed
+        cells; a categorical covariate has missing values; a continuous covariate is not
+        numeric or has NaN or infinite values.
     """
     if isinstance(control_labels, str):
         control_labels = (control_labels,)
@@ -207,7 +365,18 @@ def setup_anndata(
                 )
             if np.isin(labels, control_labels).all():
                 raise ValueError("no perturbed cells: every cell carries a control label")
+    categorical = _as_key_list(categorical_covariate_keys, "categorical_covariate_keys")
+    continuous = _as_key_list(continuous_covariate_keys, "continuous_covariate_keys")
+    if batch_key is not None:
+        _categorical_column(adata, batch_key, "batch key")
+    for k in categorical:
+        _categorical_column(adata, k, "categorical covariate")
+    for k in continuous:
+        _continuous_column(adata, k)
     adata.uns[UNS_KEY] = {
+        "batch_key": batch_key if batch_key is not None else "",
+        "categorical_covariate_keys": categorical,
+        "continuous_covariate_keys": continuous,
         "perturbation_key": key if key is not None else "",
         "control_labels": list(control_labels),
         "nascent_layer": nascent_layer if nascent_layer is not None else "",
@@ -226,6 +395,11 @@ def _setup_args(adata: Any) -> dict[str, Any]:
         "nascent_layer": stored["nascent_layer"] or None,
         "mature_layer": stored["mature_layer"] or None,
         "use_nascent": bool(stored["use_nascent"]),
+        "batch_key": stored.get("batch_key") or None,
+        **{
+            name: [str(k) for k in stored.get(name, [])]
+            for name in ("categorical_covariate_keys", "continuous_covariate_keys")
+        },
     }
 
 
@@ -238,6 +412,11 @@ def make_registry(adata: Any) -> Registry:
     reference = {"nascent": float("nan"), "mature": float(np.median(mature))}
     if args["use_nascent"]:
         reference["nascent"] = float(np.median(_row_sums(_layer(adata, args["nascent_layer"]))))
+    batch_key, categorical = args["batch_key"], args["categorical_covariate_keys"]
+
+    def categories(key: str, what: str) -> list[str]:
+        return sorted(set(_categorical_column(adata, key, what)))
+
     return Registry(
         n_cells=int(adata.n_obs),
         n_genes=int(adata.n_vars),
@@ -250,6 +429,13 @@ def make_registry(adata: Any) -> Registry:
         mature_layer=args["mature_layer"],
         use_nascent=args["use_nascent"],
         reference_library=reference,
+        batch_key=batch_key,
+        batch_categories=categories(batch_key, "batch key") if batch_key is not None else [],
+        categorical_covariate_keys=categorical,
+        categorical_covariate_categories=[
+            categories(k, "categorical covariate") for k in categorical
+        ],
+        continuous_covariate_keys=args["continuous_covariate_keys"],
     )
 
 
@@ -295,6 +481,8 @@ class CellData:
             lookup = {label: i for i, label in enumerate(registry.labels)}
             self.label = np.array([lookup.get(lab, -1) for lab in labels], dtype=np.int64)
             self.is_control = np.isin(labels, registry.control_labels)
+        #: per-cell covariate codes and values (``batch_index``, ...), when registered
+        self.covariates = covariate_arrays(adata, registry)
 
     def batch(self, indices: np.ndarray, device: torch.device | str = "cpu") -> dict[str, Any]:
         """The batch dictionary of the cells at rows ``indices``."""
@@ -308,6 +496,8 @@ class CellData:
         out["label"] = torch.as_tensor(self.label[indices], device=device)
         out["is_control"] = torch.as_tensor(self.is_control[indices], device=device)
         out["index"] = torch.as_tensor(indices, device=device)
+        for key, values in self.covariates.items():
+            out[key] = torch.as_tensor(values[indices], device=device)
         return out
 
     def iterate(
