@@ -43,6 +43,14 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from pybivi._covariates import (
+    as_key_list,
+    categorical_column,
+    category_codes,
+    continuous_column,
+    covariate_arrays,
+)
+
 UNS_KEY = "_pybivi"
 
 
@@ -131,7 +139,7 @@ class Registry:
         if self.batch_key is None:
             raise ValueError("the model was set up without batch_key: there is no batch to choose")
         values = [values] if isinstance(values, str) or np.ndim(values) == 0 else list(values)
-        return _category_codes(
+        return category_codes(
             np.asarray([str(v) for v in values]), self.batch_categories, "transform_batch"
         )
 
@@ -192,90 +200,6 @@ def _check_counts(matrix: Any, what: str, shape: tuple[int, int]) -> None:
 
 def _row_sums(matrix: Any) -> np.ndarray:
     return np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()
-
-
-def _as_key_list(keys: Sequence[str] | str | None, what: str) -> list[str]:
-    if keys is None:
-        return []
-    if isinstance(keys, str):
-        return [keys]
-    keys = [str(k) for k in keys]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"{what} lists a column twice: {keys}")
-    return keys
-
-
-def _category_codes(values: np.ndarray, categories: Sequence[str], what: str) -> np.ndarray:
-    """Indices of ``values`` in ``categories``; a value outside them is an error."""
-    lookup = {c: i for i, c in enumerate(categories)}
-    unseen = sorted(set(values) - set(lookup))
-    if unseen:
-        raise ValueError(
-            f"{what} has categories the model was not trained with: {unseen[:5]} "
-            f"(known: {list(categories)[:10]}); a model can only embed or decode the "
-            "categories it was set up with"
-        )
-    return np.array([lookup[v] for v in values], dtype=np.int64)
-
-
-def _categorical_column(adata: Any, key: str, what: str) -> np.ndarray:
-    """``obs[key]`` as strings; a missing column or value is an error."""
-    if key not in adata.obs:
-        raise KeyError(f"{what} {key!r} not found in adata.obs (columns: {list(adata.obs)})")
-    column = adata.obs[key]
-    if column.isna().any():
-        raise ValueError(f"{what} adata.obs[{key!r}] has {int(column.isna().sum())} missing values")
-    return column.astype(str).to_numpy()
-
-
-def _continuous_column(adata: Any, key: str) -> np.ndarray:
-    """``obs[key]`` as float32; a missing column, non-numeric or non-finite value is an error."""
-    what = "continuous covariate"
-    if key not in adata.obs:
-        raise KeyError(f"{what} {key!r} not found in adata.obs (columns: {list(adata.obs)})")
-    column = adata.obs[key]
-    if not np.issubdtype(column.dtype, np.number) or column.dtype == bool:
-        raise ValueError(f"{what} adata.obs[{key!r}] must be numeric, got dtype {column.dtype}")
-    values = column.to_numpy(dtype=np.float64)
-    if not np.all(np.isfinite(values)):
-        bad = int((~np.isfinite(values)).sum())
-        raise ValueError(f"{what} adata.obs[{key!r}] has {bad} NaN or infinite value(s)")
-    return values.astype(np.float32)
-
-
-def covariate_arrays(adata: Any, registry: Registry) -> dict[str, np.ndarray]:
-    """Per-cell covariate codes of ``adata`` under ``registry`` (the batch dict's arrays).
-
-    Returns ``{"batch_index": (n,), "categorical_covariates": (n, K),
-    "continuous_covariates": (n, C)}``, each only when registered.
-
-    Raises
-    ------
-    KeyError
-        A registered column is missing from ``adata.obs``.
-    ValueError
-        A category the model was not set up with, a missing value, or a NaN.
-    """
-    out: dict[str, np.ndarray] = {}
-    if registry.batch_key is not None:
-        values = _categorical_column(adata, registry.batch_key, "batch key")
-        what = f"adata.obs[{registry.batch_key!r}] (the batch)"
-        out["batch_index"] = _category_codes(values, registry.batch_categories, what)
-    if registry.categorical_covariate_keys:
-        codes = []
-        pairs = zip(
-            registry.categorical_covariate_keys,
-            registry.categorical_covariate_categories,
-            strict=True,
-        )
-        for key, categories in pairs:
-            values = _categorical_column(adata, key, "categorical covariate")
-            codes.append(_category_codes(values, categories, f"adata.obs[{key!r}]"))
-        out["categorical_covariates"] = np.stack(codes, axis=1)
-    if registry.continuous_covariate_keys:
-        columns = [_continuous_column(adata, k) for k in registry.continuous_covariate_keys]
-        out["continuous_covariates"] = np.stack(columns, axis=1)
-    return out
 
 
 def setup_anndata(
@@ -365,14 +289,14 @@ def setup_anndata(
                 )
             if np.isin(labels, control_labels).all():
                 raise ValueError("no perturbed cells: every cell carries a control label")
-    categorical = _as_key_list(categorical_covariate_keys, "categorical_covariate_keys")
-    continuous = _as_key_list(continuous_covariate_keys, "continuous_covariate_keys")
+    categorical = as_key_list(categorical_covariate_keys, "categorical_covariate_keys")
+    continuous = as_key_list(continuous_covariate_keys, "continuous_covariate_keys")
     if batch_key is not None:
-        _categorical_column(adata, batch_key, "batch key")
+        categorical_column(adata, batch_key, "batch key")
     for k in categorical:
-        _categorical_column(adata, k, "categorical covariate")
+        categorical_column(adata, k, "categorical covariate")
     for k in continuous:
-        _continuous_column(adata, k)
+        continuous_column(adata, k)
     adata.uns[UNS_KEY] = {
         "batch_key": batch_key if batch_key is not None else "",
         "categorical_covariate_keys": categorical,
@@ -415,7 +339,7 @@ def make_registry(adata: Any) -> Registry:
     batch_key, categorical = args["batch_key"], args["categorical_covariate_keys"]
 
     def categories(key: str, what: str) -> list[str]:
-        return sorted(set(_categorical_column(adata, key, what)))
+        return sorted(set(categorical_column(adata, key, what)))
 
     return Registry(
         n_cells=int(adata.n_obs),

@@ -161,7 +161,13 @@ def pseudobulk_moments(
 
 
 def _model_draw_chunks(
-    model: Any, rows: np.ndarray, names: Sequence[str], n_draws: int, batch_size: int, seed: int
+    model: Any,
+    rows: np.ndarray,
+    names: Sequence[str],
+    n_draws: int,
+    batch_size: int,
+    seed: int,
+    transform_batch: Any = None,
 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     from pybivi.posterior import iter_draws
 
@@ -173,6 +179,7 @@ def _model_draw_chunks(
         libraries=("reference",),
         batch_size=batch_size,
         seed=seed,
+        transform_batch=transform_batch,
     ):
         values = {q: draws["reference"][q].double().cpu().numpy() for q in names}
         yield batch["index"].cpu().numpy(), values
@@ -207,6 +214,7 @@ def group_log2_draws(
     n_draws: int = 100,
     batch_size: int = 256,
     seed: int = 0,
+    transform_batch: Any = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Posterior draws of each set's population-level log2 values of ``quantities``.
 
@@ -227,6 +235,9 @@ def group_log2_draws(
         ``"pseudobulk"`` or ``"log_mean"``.
     n_draws, batch_size, seed
         Draws per cell (model source), cells per chunk, seed of the draws.
+    transform_batch
+        Model source set up with ``batch_key``: the batch (or list, averaged) to decode
+        at (:func:`pybivi.posterior.iter_draws`); ``None``: each cell's own batch.
 
     Returns
     -------
@@ -239,9 +250,16 @@ def group_log2_draws(
         raise ValueError(f"n_draws must be >= 2 to describe a posterior, got {n_draws}")
     rows, members, position = _membership(sets)
     if is_idata(source):
+        if transform_batch is not None:
+            raise ValueError(
+                "transform_batch needs a model; an InferenceData holds the batch it was "
+                "exported at (model.posterior(transform_batch=...))"
+            )
         chunks = _idata_draw_chunks(source, rows, quantities, batch_size)
     else:
-        chunks = _model_draw_chunks(source, rows, quantities, n_draws, batch_size, seed)
+        chunks = _model_draw_chunks(
+            source, rows, quantities, n_draws, batch_size, seed, transform_batch
+        )
     counts: dict[str, int] = {}
     sums: dict[str, dict[str, np.ndarray]] = {k: {} for k in members}
     for chunk_rows, values in chunks:

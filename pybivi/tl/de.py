@@ -88,6 +88,7 @@ def kinetic(
     normalize: str | None = None,
     batch_size: int = 256,
     seed: int = 0,
+    transform_batch: Any = None,
 ) -> pd.DataFrame:
     """Kinetic differential test of groups of cells against a reference.
 
@@ -171,6 +172,14 @@ def kinetic(
         assume that most genes do not change the parameter.
     batch_size, seed
         Cells per minibatch; seed of the draws, the splits and the pairs.
+    transform_batch
+        Models set up with ``batch_key``: where decoding happens (``"pairs"``, and
+        ``"group"`` with ``estimate="decoded"``), decode every cell at this batch, or
+        average over a list of batches (scvi-tools' ``transform_batch``); ``None``:
+        each cell at its own batch. The observed ``"group"`` test instead compares
+        pseudo-bulks within each batch and combines the batches' lfc with
+        inverse-variance weights, so a batch effect shared by group and reference
+        cancels (:mod:`pybivi.tl._de_batches`).
 
     Returns
     -------
@@ -205,7 +214,7 @@ def kinetic(
             model_or_idata, groupby, group, reference, params=params,
             delta=1.0 if delta is None else delta, bf_threshold=bf_threshold,
             n_pairs=n_pairs, n_samples=n_samples, normalize=normalize,
-            batch_size=batch_size, seed=seed,
+            batch_size=batch_size, seed=seed, transform_batch=transform_batch,
         )  # fmt: skip
     return group_test(
         model_or_idata, groupby, group, reference, kind="kinetic", params=params,
@@ -213,6 +222,7 @@ def kinetic(
         fdr_target=fdr_target, shrink=shrink, aggregate=aggregate, n_draws=n_draws,
         n_posterior=n_posterior, null_repeats=null_repeats, credible_mass=credible_mass,
         bf_threshold=bf_threshold, normalize=normalize, batch_size=batch_size, seed=seed,
+        transform_batch=transform_batch,
     )  # fmt: skip
 
 
@@ -230,9 +240,10 @@ def _kinetic_pairs(
     normalize: str | None,
     batch_size: int,
     seed: int,
+    transform_batch: Any = None,
 ) -> pd.DataFrame:
     """biVI's pooled-pairs kinetic test (``kinetic(method="pairs")``)."""
-    sampler = Sampler(model_or_idata, groupby, n_samples, seed, batch_size)
+    sampler = Sampler(model_or_idata, groupby, n_samples, seed, batch_size, transform_batch)
     names = tuple(params) if params is not None else default_kinetic_params(model_or_idata)
     ref_mask, masks = group_masks(sampler.labels, sampler.is_control, group, reference, groupby)
     ref_samples = sampler(ref_mask, names, salt=0)
@@ -286,6 +297,7 @@ def mean(
     threshold_counts: float = 0.01,
     batch_size: int = 256,
     seed: int = 0,
+    transform_batch: Any = None,
 ) -> pd.DataFrame:
     """Mean-expression differential test on normalised mature expression ``rho_M``.
 
@@ -332,6 +344,14 @@ def mean(
         genes whose mean observed mature count in a group is below ``threshold_counts``.
     batch_size, seed
         Minibatch size of the draws; seed of the draws and pairs.
+    transform_batch
+        Models set up with ``batch_key``: where decoding happens (``"pairs"``, and
+        ``"group"`` with ``estimate="decoded"``), decode every cell at this batch, or
+        average over a list of batches (scvi-tools' ``transform_batch``); ``None``:
+        each cell at its own batch. The observed ``"group"`` test instead compares
+        pseudo-bulks within each batch and combines the batches' lfc with
+        inverse-variance weights, so a batch effect shared by group and reference
+        cancels (:mod:`pybivi.tl._de_batches`).
 
     Returns
     -------
@@ -353,9 +373,10 @@ def mean(
             shrink=shrink, n_draws=n_draws, n_posterior=n_posterior,
             null_repeats=null_repeats, credible_mass=credible_mass,
             bf_threshold=bf_threshold, batch_size=batch_size, seed=seed,
+            transform_batch=transform_batch,
         )  # fmt: skip
     delta = 0.2 if delta is None else delta
-    sampler = Sampler(model_or_idata, groupby, n_samples, seed, batch_size)
+    sampler = Sampler(model_or_idata, groupby, n_samples, seed, batch_size, transform_batch)
     ref_mask, masks = group_masks(sampler.labels, sampler.is_control, group, reference, groupby)
     ref_scales = sampler(ref_mask, ["rho_mature"], salt=0)["rho_mature"]
     observed = None if is_idata(model_or_idata) else mature_counts(model_or_idata)
