@@ -111,6 +111,9 @@ class ContrastiveModule(nn.Module):
         Number of categories of each categorical covariate (each enters one-hot).
     n_continuous_covariates
         Number of continuous covariates (each enters as its value).
+    encode_covariates
+        Whether the encoders read the covariates too (default, as in the original scVI);
+        ``False`` feeds them to the decoder only (scvi-tools' ``encode_covariates=False``).
 
     Notes
     -----
@@ -135,6 +138,7 @@ class ContrastiveModule(nn.Module):
         n_batch: int = 0,
         n_cats_per_covariate: tuple[int, ...] | list[int] = (),
         n_continuous_covariates: int = 0,
+        encode_covariates: bool = True,
     ) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
@@ -162,9 +166,11 @@ class ContrastiveModule(nn.Module):
         ):
             raise ValueError("covariate sizes must be >= 0 (>= 1 category per covariate)")
         n_cov = self.n_covariates
-        self.z_encoder = GaussianEncoder(n_input, n_background, n_hidden, dropout, n_cov)
+        self.encode_covariates = bool(encode_covariates)
+        n_enc_cov = n_cov if self.encode_covariates else 0
+        self.z_encoder = GaussianEncoder(n_input, n_background, n_hidden, dropout, n_enc_cov)
         self.t_encoder = (
-            GaussianEncoder(n_input, n_salient, n_hidden, dropout, n_cov) if n_salient else None
+            GaussianEncoder(n_input, n_salient, n_hidden, dropout, n_enc_cov) if n_salient else None
         )
         self.decoder = FrequencyDecoder(
             n_background + n_salient, n_genes, self.species, n_hidden, likelihood == "zinb",
@@ -230,7 +236,8 @@ class ContrastiveModule(nn.Module):
         """Variational parameters ``{"z": (loc, scale), "t": (loc, scale)}``."""
         counts = self.encoder_input(batch)
         # Only a module with covariates passes them, so a user's encoder keeps its signature.
-        extra = {"covariates": self.covariates(batch)} if self.n_covariates else {}
+        encoded = self.n_covariates and self.encode_covariates
+        extra = {"covariates": self.covariates(batch)} if encoded else {}
         out = {"z": self.z_encoder(counts, **extra)}
         if self.t_encoder is not None:
             out["t"] = self.t_encoder(counts, **extra)
