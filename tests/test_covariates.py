@@ -257,3 +257,14 @@ def test_transform_batch_moves_the_decoded_means_by_the_planted_effect(batch_scr
     # A short fit leaves part of the batch in z, which shrinks the decoded change a little.
     slope = np.polyfit(planted, decoded, 1)[0]
     assert 0.5 < slope < 1.3, slope
+
+
+def test_covariates_can_bypass_the_encoders(make_adata):
+    adata = _add_covariates(make_adata())
+    _setup(pybivi.ContrastiveVI, adata)
+    model = pybivi.ContrastiveVI(adata, module_kwargs={"encode_covariates": False})
+    module = model.module
+    assert module.z_encoder.hidden[0].in_features == adata.n_vars
+    assert module.decoder.hidden[0].in_features == module.n_background + module.n_salient + 6
+    model.train(max_epochs=1, batch_size=20, progress_bar=False, device="cpu")
+    assert np.isfinite(model.elbo())
