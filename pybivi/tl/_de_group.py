@@ -222,7 +222,8 @@ def group_test(
     For a model set up with ``batch_key`` (two batches or more), the observed
     pseudo-bulks are compared within each batch and combined with inverse-variance
     weights (:mod:`pybivi.tl._de_batches`); ``estimate="decoded"`` decodes at
-    ``transform_batch``.
+    ``transform_batch`` (each cell's own batch by default) and adds the pooled
+    pseudo-bulks' sampling variance.
     """
     if estimate not in ESTIMATES:
         raise ValueError(f"estimate must be one of {ESTIMATES}, not {estimate!r}")
@@ -247,7 +248,9 @@ def group_test(
         splits = null_splits(sets["reference"], sizes, null_repeats, rng)
         for key, (inside, rest) in splits.items():
             sets[f"null:{key}"], sets[f"rest:{key}"] = inside, rest
-    codes = batch_codes_of(source)
+    # Observed pseudo-bulks are compared within batches; decoded ones are corrected by
+    # decoding (transform_batch), and their added sampling variance is the pooled one.
+    codes = batch_codes_of(source) if estimate == "observed" else None
     counted = sets if codes is None else split_by_batch(sets, codes)
     moments = pseudobulk_moments(source, counted, batch_size)
     observed = {k: _observed_estimates(m, names, kinetic) for k, m in moments.items()}
@@ -283,11 +286,7 @@ def group_test(
             lfc, se = observed_compare(a, b, p)
         else:
             # The draws' spread plus the cells' sampling variance of the observed means.
-            if codes is None:
-                sampling = observed[a][p][1] + observed[b][p][1]
-            else:  # within batches, as the observed test
-                se = observed_compare(a, b, p)[1]
-                sampling = np.where(se < _UNKNOWN_SE, se**2, np.nan)
+            sampling = observed[a][p][1] + observed[b][p][1]
             sampling = np.where(np.isfinite(sampling), sampling, 0.0)
             lfc, se = _compare(decoded[a][p], decoded[b][p], sampling)
         return _three_way(lfc, se, delta, **settings)
