@@ -23,6 +23,7 @@ __all__ = [
 
 
 def as_key_list(keys: Sequence[str] | str | None, what: str) -> list[str]:
+    """``obs`` column names as a list (one name, a list, or ``None``); no repeats."""
     if keys is None:
         return []
     if isinstance(keys, str):

@@ -291,6 +291,11 @@ def setup_anndata(
                 raise ValueError("no perturbed cells: every cell carries a control label")
     categorical = as_key_list(categorical_covariate_keys, "categorical_covariate_keys")
     continuous = as_key_list(continuous_covariate_keys, "continuous_covariate_keys")
+    repeated = sorted(
+        set(categorical) & set(continuous) | ({batch_key} & set(categorical + continuous))
+    )
+    if repeated:
+        raise ValueError(f"covariate column(s) {repeated} registered more than once")
     if batch_key is not None:
         categorical_column(adata, batch_key, "batch key")
     for k in categorical:

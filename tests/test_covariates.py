@@ -78,6 +78,8 @@ def test_covariates_reach_both_encoders_and_the_decoder(cls, make_adata):
          lambda a: a.obs.__setitem__("batch", [None] + ["b0"] * (a.n_obs - 1)),
          ValueError, "missing"),
         ({"categorical_covariate_keys": ["donor", "donor"]}, None, ValueError, "twice"),
+        ({"batch_key": "donor", "categorical_covariate_keys": "donor"}, None, ValueError,
+         "more than once"),
     ],
 )  # fmt: skip
 def test_bad_covariates_are_named(make_adata, kwargs, mutate, error, match):
