@@ -19,6 +19,15 @@ Batch dictionaries (the contract every consumer relies on)
     bool tensor ``(B,)``.
 ``"index"``
     long tensor ``(B,)``: the row of each cell in its AnnData.
+``"batch_index"``
+    long tensor ``(B,)``: index into :attr:`Registry.batch_categories` (only when a
+    ``batch_key`` was registered).
+``"categorical_covariates"``
+    long tensor ``(B, K)``: per registered categorical covariate, the index into its
+    :attr:`Registry.categorical_covariate_categories` (only when some were registered).
+``"continuous_covariates"``
+    float tensor ``(B, C)``: the registered continuous covariates (only when some were
+    registered).
 
 Counts may be scipy sparse: they stay sparse in the AnnData and only the rows of
 one minibatch are densified. They may also stay on disk (``anndata.read_h5ad(path,
@@ -38,6 +47,13 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from pybivi._covariates import (
+    as_key_list,
+    categorical_column,
+    category_codes,
+    continuous_column,
+    covariate_arrays,
+)
 from pybivi.storage import (
     DEFAULT_BLOCK_SIZE,
     CountStore,
@@ -74,6 +90,14 @@ class Registry:
     reference_library
         ``{"nascent": float, "mature": float}``: the median per-species library of the
         training cells (``nan`` for a species the model does not use).
+    batch_key, batch_categories
+        ``obs`` column of the batch (``None``: no batch) and its sorted categories; the
+        batch enters the networks one-hot (scVI's ``batch_key``).
+    categorical_covariate_keys, categorical_covariate_categories
+        ``obs`` columns of other categorical covariates and, per column, its sorted
+        categories (each enters one-hot).
+    continuous_covariate_keys
+        ``obs`` columns of continuous covariates (each enters as its value).
     """
 
     n_cells: int
@@ -87,6 +111,50 @@ class Registry:
     mature_layer: str | None
     use_nascent: bool
     reference_library: dict[str, float]
+    # Defaults keep registries saved before covariates existed loadable.
+    batch_key: str | None = None
+    batch_categories: list[str] = dataclasses.field(default_factory=list)
+    categorical_covariate_keys: list[str] = dataclasses.field(default_factory=list)
+    categorical_covariate_categories: list[list[str]] = dataclasses.field(default_factory=list)
+    continuous_covariate_keys: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def n_batch(self) -> int:
+        """Number of batches (0 without a ``batch_key``)."""
+        return len(self.batch_categories)
+
+    @property
+    def has_covariates(self) -> bool:
+        """Whether a batch or any covariate was registered."""
+        return bool(
+            self.batch_key or self.categorical_covariate_keys or self.continuous_covariate_keys
+        )
+
+    def covariate_sizes(self) -> dict[str, Any]:
+        """Module arguments describing the covariates (empty without covariates)."""
+        if not self.has_covariates:
+            return {}
+        return {
+            "n_batch": self.n_batch,
+            "n_cats_per_covariate": [len(c) for c in self.categorical_covariate_categories],
+            "n_continuous_covariates": len(self.continuous_covariate_keys),
+        }
+
+    def batch_codes(self, values: Any) -> np.ndarray:
+        """Batch categories (a category or a list of them) as indices into
+        :attr:`batch_categories`.
+
+        Raises
+        ------
+        ValueError
+            No batch was registered, or a category is not one of the registered ones.
+        """
+        if self.batch_key is None:
+            raise ValueError("the model was set up without batch_key: there is no batch to choose")
+        values = [values] if isinstance(values, str) or np.ndim(values) == 0 else list(values)
+        return category_codes(
+            np.asarray([str(v) for v in values]), self.batch_categories, "transform_batch"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable copy."""
@@ -145,6 +213,9 @@ def setup_anndata(
     mature_layer: str | None = "spliced",
     use_nascent: bool = True,
     contrastive: bool = True,
+    batch_key: str | None = None,
+    categorical_covariate_keys: Sequence[str] | None = None,
+    continuous_covariate_keys: Sequence[str] | None = None,
 ) -> None:
     """Validate ``adata`` and record the setup in ``adata.uns["_pybivi"]``.
 
@@ -167,15 +238,24 @@ def setup_anndata(
         Whether the model reads nascent counts (false for mature-only models).
     contrastive
         Whether the model needs both control and perturbed cells.
+    batch_key
+        ``obs`` column of the batch (as scVI's ``batch_key``): one-hot into the
+        encoders and the decoder, so that latents and decoded quantities are corrected
+        for it.
+    categorical_covariate_keys
+        Other categorical ``obs`` columns, each injected one-hot like the batch.
+    continuous_covariate_keys
+        Numeric ``obs`` columns injected as values (e.g. percent mitochondrial counts).
 
     Raises
     ------
     KeyError
-        A layer or the perturbation key is missing.
+        A layer, the perturbation key or a covariate column is missing.
     ValueError
         Counts are negative, non-integer, NaN or of mismatched shapes; a cell has no
-        counts in a species; a control label never occurs; no control or no perturbed cells;
-        an on-disk layer is stored by columns (CSC).
+        counts in a species; a control label never occurs; no control or no perturbed
+        cells; an on-disk layer is stored by columns (CSC); a categorical covariate has
+        missing values; a continuous covariate is not numeric or has NaN or infinite values.
     """
     if isinstance(control_labels, str):
         control_labels = (control_labels,)
@@ -217,7 +297,23 @@ def setup_anndata(
                 )
             if np.isin(labels, control_labels).all():
                 raise ValueError("no perturbed cells: every cell carries a control label")
+    categorical = as_key_list(categorical_covariate_keys, "categorical_covariate_keys")
+    continuous = as_key_list(continuous_covariate_keys, "continuous_covariate_keys")
+    repeated = sorted(
+        set(categorical) & set(continuous) | ({batch_key} & set(categorical + continuous))
+    )
+    if repeated:
+        raise ValueError(f"covariate column(s) {repeated} registered more than once")
+    if batch_key is not None:
+        categorical_column(adata, batch_key, "batch key")
+    for k in categorical:
+        categorical_column(adata, k, "categorical covariate")
+    for k in continuous:
+        continuous_column(adata, k)
     adata.uns[UNS_KEY] = {
+        "batch_key": batch_key if batch_key is not None else "",
+        "categorical_covariate_keys": categorical,
+        "continuous_covariate_keys": continuous,
         "perturbation_key": key if key is not None else "",
         "control_labels": list(control_labels),
         "nascent_layer": nascent_layer if nascent_layer is not None else "",
@@ -236,6 +332,11 @@ def _setup_args(adata: Any) -> dict[str, Any]:
         "nascent_layer": stored["nascent_layer"] or None,
         "mature_layer": stored["mature_layer"] or None,
         "use_nascent": bool(stored["use_nascent"]),
+        "batch_key": stored.get("batch_key") or None,
+        **{
+            name: [str(k) for k in stored.get(name, [])]
+            for name in ("categorical_covariate_keys", "continuous_covariate_keys")
+        },
     }
 
 
@@ -250,6 +351,11 @@ def make_registry(adata: Any) -> Registry:
         layer = args[f"{name}_layer"]
         store = _store(_layer(adata, layer), f"{name} counts", shape)
         reference[name] = float(np.median(library_of(adata, layer, store, check=False)))
+    batch_key, categorical = args["batch_key"], args["categorical_covariate_keys"]
+
+    def categories(key: str, what: str) -> list[str]:
+        return sorted(set(categorical_column(adata, key, what)))
+
     return Registry(
         n_cells=int(adata.n_obs),
         n_genes=int(adata.n_vars),
@@ -262,6 +368,13 @@ def make_registry(adata: Any) -> Registry:
         mature_layer=args["mature_layer"],
         use_nascent=args["use_nascent"],
         reference_library=reference,
+        batch_key=batch_key,
+        batch_categories=categories(batch_key, "batch key") if batch_key is not None else [],
+        categorical_covariate_keys=categorical,
+        categorical_covariate_categories=[
+            categories(k, "categorical covariate") for k in categorical
+        ],
+        continuous_covariate_keys=args["continuous_covariate_keys"],
     )
 
 
@@ -337,6 +450,8 @@ class CellData:
             lookup = {label: i for i, label in enumerate(registry.labels)}
             self.label = np.array([lookup.get(lab, -1) for lab in labels], dtype=np.int64)
             self.is_control = np.isin(labels, registry.control_labels)
+        #: per-cell covariate codes and values (``batch_index``, ...), when registered
+        self.covariates = covariate_arrays(adata, registry)
 
     def gene_totals(self) -> dict[str, np.ndarray]:
         """Each species' total count per gene, in one pass over row blocks (no full copy)."""
@@ -373,6 +488,8 @@ class CellData:
         out["label"] = torch.as_tensor(self.label[indices], device=device)
         out["is_control"] = torch.as_tensor(self.is_control[indices], device=device)
         out["index"] = torch.as_tensor(indices, device=device)
+        for key, values in self.covariates.items():
+            out[key] = torch.as_tensor(values[indices], device=device)
         return out
 
     def batch(self, indices: np.ndarray, device: torch.device | str = "cpu") -> dict[str, Any]:

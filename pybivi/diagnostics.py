@@ -88,7 +88,10 @@ def domain_counts(
             t = None
             if "t" in params:
                 t = torch.where(batch["is_control"].unsqueeze(-1), 0.0, params["t"][0])
-            decoded = module.decode(z, t, batch.get("library_nascent"), batch["library_mature"])
+            extra = {"covariates": module.covariates(batch)} if module.n_covariates else {}
+            decoded = module.decode(
+                z, t, batch.get("library_nascent"), batch["library_mature"], **extra
+            )
             kin = module.scheme.kinetic_params(
                 decoded["mu_nascent"], decoded["mu_mature"], module.theta
             )

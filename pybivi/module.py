@@ -39,7 +39,12 @@ Contract (relied on by :mod:`pybivi.posterior`, :mod:`pybivi.tl.de`, :mod:`pybiv
   so an overridden guide or prior is what every downstream analysis sees.
 * ``encode(batch) -> {"z": (loc, scale), "t": (loc, scale)}`` (``"t"`` absent when
   ``n_salient == 0``).
-* ``decode(z, t, library_nascent, library_mature) -> dict`` with ``"mu_nascent"``,
+* ``covariates(batch) -> Tensor | None``: the one-hot batch, one-hot categorical
+  covariates and continuous covariates side by side, ``(B, n_covariates)``; ``None``
+  for a module built without covariates. ``batch["decode_batch_index"]``, when
+  present, replaces the batch the decoder sees (scvi-tools' ``transform_batch``); the
+  encoders always read the observed batch.
+* ``decode(z, t, library_nascent, library_mature, covariates=None) -> dict`` with ``"mu_nascent"``,
   ``"mu_mature"``, ``"rho_nascent"``, ``"rho_mature"`` (no nascent keys for mature-only
   models) and ``"zi_logits"`` for ZINB. ``t`` may be ``None`` (decoded as ``t = 0``);
   libraries are tensors ``(B,)``/``(S, B)`` or floats and broadcast.
@@ -116,6 +121,22 @@ class ContrastiveModule(nn.Module):
         ``"mixture"`` (beyond the paper): ``t ~ w_c Normal(mu_c, I) + (1 - w_c) Normal(0, I)``,
         a responder and an escaper component with a learned responder probability
         ``w_c = sigmoid(responder_logits[c])`` per label (see :meth:`responder_probability`).
+    n_batch
+        Number of batches (0: no batch); the batch enters one-hot.
+    n_cats_per_covariate
+        Number of categories of each categorical covariate (each enters one-hot).
+    n_continuous_covariates
+        Number of continuous covariates (each enters as its value).
+    encode_covariates
+        Whether the encoders read the covariates too (default, as in the original scVI);
+        ``False`` feeds them to the decoder only (scvi-tools' ``encode_covariates=False``).
+
+    Notes
+    -----
+    Covariates are injected as in scVI (Lopez et al. 2018, Nat. Methods 15:1053): their
+    vector is concatenated to the input of both encoders and to the decoder's latent
+    input, so the latents need not carry them and the decoder can be asked for any
+    batch. Without covariates the networks are exactly those of the paper.
     """
 
     def __init__(
@@ -130,6 +151,10 @@ class ContrastiveModule(nn.Module):
         likelihood: str = "cme",
         scheme: Any = "bursty",
         salient_prior: str = "label",
+        n_batch: int = 0,
+        n_cats_per_covariate: tuple[int, ...] | list[int] = (),
+        n_continuous_covariates: int = 0,
+        encode_covariates: bool = True,
     ) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
@@ -152,12 +177,22 @@ class ContrastiveModule(nn.Module):
             self.scheme = schemes.get(scheme) if isinstance(scheme, str) else scheme
         self.species = ("nascent", "mature") if likelihood == "cme" else ("mature",)
         n_input = n_genes * len(self.species)
-        self.z_encoder = GaussianEncoder(n_input, n_background, n_hidden, dropout)
+        self.n_batch, self.n_continuous_covariates = int(n_batch), int(n_continuous_covariates)
+        self.n_cats_per_covariate = tuple(int(n) for n in n_cats_per_covariate)
+        if self.n_batch < 0 or self.n_continuous_covariates < 0 or any(
+            n < 1 for n in self.n_cats_per_covariate
+        ):
+            raise ValueError("covariate sizes must be >= 0 (>= 1 category per covariate)")
+        n_cov = self.n_covariates
+        self.encode_covariates = bool(encode_covariates)
+        n_enc_cov = n_cov if self.encode_covariates else 0
+        self.z_encoder = GaussianEncoder(n_input, n_background, n_hidden, dropout, n_enc_cov)
         self.t_encoder = (
-            GaussianEncoder(n_input, n_salient, n_hidden, dropout) if n_salient else None
+            GaussianEncoder(n_input, n_salient, n_hidden, dropout, n_enc_cov) if n_salient else None
         )
         self.decoder = FrequencyDecoder(
-            n_background + n_salient, n_genes, self.species, n_hidden, likelihood == "zinb"
+            n_background + n_salient, n_genes, self.species, n_hidden, likelihood == "zinb",
+            n_covariates=n_cov,
         )
         self.log_theta = nn.Parameter(torch.zeros(n_genes))
         n_means = n_labels if (n_salient and salient_prior != "standard") else 0
@@ -186,6 +221,35 @@ class ContrastiveModule(nn.Module):
         """Per-gene positive shape ``theta`` (``1 / beta`` for the bursty scheme)."""
         return self.log_theta.exp()
 
+    @property
+    def n_covariates(self) -> int:
+        """Width of the covariate vector the networks read (0 without covariates)."""
+        return self.n_batch + sum(self.n_cats_per_covariate) + self.n_continuous_covariates
+
+    def covariates(self, batch: dict[str, Tensor], for_decoder: bool = False) -> Tensor | None:
+        """One-hot batch, one-hot categorical covariates and continuous covariates,
+        ``(B, n_covariates)``; ``None`` without covariates.
+
+        With ``for_decoder``, ``batch["decode_batch_index"]`` (when present) replaces
+        the observed batch: decoding as if the cells came from that batch.
+        """
+        if not self.n_covariates:
+            return None
+        like = batch["x_mature"]
+        parts = []
+        if self.n_batch:
+            index = batch["batch_index"]
+            if for_decoder and "decode_batch_index" in batch:
+                index = torch.as_tensor(batch["decode_batch_index"], device=like.device)
+                index = index.expand(like.shape[0])
+            parts.append(nn.functional.one_hot(index.long(), self.n_batch).to(like.dtype))
+        for j, n in enumerate(self.n_cats_per_covariate):
+            codes = batch["categorical_covariates"][:, j].long()
+            parts.append(nn.functional.one_hot(codes, n).to(like.dtype))
+        if self.n_continuous_covariates:
+            parts.append(batch["continuous_covariates"].to(like.dtype))
+        return torch.cat(parts, dim=-1)
+
     def encoder_input(self, batch: dict[str, Tensor]) -> Tensor:
         """The counts the encoders read: nascent and mature side by side, or mature only."""
         return torch.cat([batch[f"x_{s}"] for s in self.species], dim=-1)
@@ -193,9 +257,12 @@ class ContrastiveModule(nn.Module):
     def encode(self, batch: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
         """Variational parameters ``{"z": (loc, scale), "t": (loc, scale)}``."""
         counts = self.encoder_input(batch)
-        out = {"z": self.z_encoder(counts)}
+        # Only a module with covariates passes them, so a user's encoder keeps its signature.
+        encoded = self.n_covariates and self.encode_covariates
+        extra = {"covariates": self.covariates(batch)} if encoded else {}
+        out = {"z": self.z_encoder(counts, **extra)}
         if self.t_encoder is not None:
-            out["t"] = self.t_encoder(counts)
+            out["t"] = self.t_encoder(counts, **extra)
         return out
 
     def decode(
@@ -204,8 +271,12 @@ class ContrastiveModule(nn.Module):
         t: Tensor | None,
         library_nascent: Tensor | float | None,
         library_mature: Tensor | float,
+        covariates: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Decoder means: ``mu_<species> = library_<species> * rho_<species>``."""
+        """Decoder means: ``mu_<species> = library_<species> * rho_<species>``.
+
+        ``covariates`` (from :meth:`covariates`) is required by a module with covariates.
+        """
         if self.n_salient:
             if t is None:
                 t = z.new_zeros(*z.shape[:-1], self.n_salient)
@@ -214,7 +285,7 @@ class ContrastiveModule(nn.Module):
             latent = torch.cat([z.expand(*lead, z.shape[-1]), t.expand(*lead, t.shape[-1])], -1)
         else:
             latent = z
-        out = self.decoder(latent)
+        out = self.decoder(latent, covariates) if self.n_covariates else self.decoder(latent)
         libraries = {"nascent": library_nascent, "mature": library_mature}
         for s in self.species:
             out[f"mu_{s}"] = _library(libraries[s], out[f"rho_{s}"]) * out[f"rho_{s}"]
@@ -345,12 +416,17 @@ class ContrastiveModule(nn.Module):
                     # mass), whatever was drawn; torch.where also blocks their gradient to q(t).
                     t = torch.where(control.unsqueeze(-1), torch.zeros_like(t), t)
                     pyro.deterministic("salient", t, event_dim=1)
-            decoded = self.decode(z, t, batch.get("library_nascent"), batch["library_mature"])
+            # Only a module with covariates passes them, so a user's decode keeps its signature.
+            extra = {"covariates": self.covariates(batch, True)} if self.n_covariates else {}
+            decoded = self.decode(
+                z, t, batch.get("library_nascent"), batch["library_mature"], **extra
+            )
             for key, value in self.derived_quantities(decoded).items():
                 pyro.deterministic(key, value, event_dim=1)
             if "reference_library_mature" in batch:
                 at_reference = self.decode(
-                    z, t, batch.get("reference_library_nascent"), batch["reference_library_mature"]
+                    z, t, batch.get("reference_library_nascent"), batch["reference_library_mature"],
+                    **extra,
                 )
                 for key, value in self.derived_quantities(at_reference).items():
                     if not key.startswith("rho_"):  # the frequencies do not depend on it

@@ -31,18 +31,33 @@ class GaussianEncoder(nn.Module):
         Width of the hidden layer.
     dropout
         Dropout probability after the hidden layer.
+    n_covariates
+        Width of the covariate vector (one-hot batch and categorical covariates,
+        continuous covariates) concatenated to the log counts, as in scVI; 0: none.
     """
 
-    def __init__(self, n_input: int, n_latent: int, n_hidden: int = 128, dropout: float = 0.1):
+    def __init__(
+        self,
+        n_input: int,
+        n_latent: int,
+        n_hidden: int = 128,
+        dropout: float = 0.1,
+        n_covariates: int = 0,
+    ):
         super().__init__()
-        self.hidden = mlp_block(n_input, n_hidden, dropout)
+        self.n_covariates = int(n_covariates)
+        self.hidden = mlp_block(n_input + self.n_covariates, n_hidden, dropout)
         self.loc = nn.Linear(n_hidden, n_latent)
         self.raw_scale = nn.Linear(n_hidden, n_latent)
 
-    def forward(self, counts: Tensor) -> tuple[Tensor, Tensor]:
-        """Return ``(loc, scale)`` for raw ``counts`` of shape ``(..., n_input)``."""
+    def forward(self, counts: Tensor, covariates: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Return ``(loc, scale)`` for raw ``counts`` of shape ``(..., n_input)`` and,
+        when the encoder has them, ``covariates`` of shape ``(..., n_covariates)``."""
         # log1p tames the heavy tails of counts (paper: the encoders see log1p counts).
-        h = self.hidden(torch.log1p(counts))
+        features = torch.log1p(counts)
+        if self.n_covariates:
+            features = torch.cat([features, _checked(covariates, self.n_covariates)], dim=-1)
+        h = self.hidden(features)
         # softplus + floor keeps the scale positive without exp's overflow.
         return self.loc(h), nn.functional.softplus(self.raw_scale(h)) + 1e-4
 
@@ -64,6 +79,9 @@ class FrequencyDecoder(nn.Module):
         Width of the hidden layer.
     zero_inflation
         Also output per cell-and-gene zero-inflation logits (head ``"zi_logits"``).
+    n_covariates
+        Width of the covariate vector concatenated to the latents (scVI injects the
+        batch into the decoder this way); 0: none.
     """
 
     def __init__(
@@ -73,10 +91,12 @@ class FrequencyDecoder(nn.Module):
         species: tuple[str, ...] = ("nascent", "mature"),
         n_hidden: int = 128,
         zero_inflation: bool = False,
+        n_covariates: int = 0,
     ):
         super().__init__()
+        self.n_covariates = int(n_covariates)
         # No dropout in the decoder (as in scvi-tools): it would only add noise to the likelihood.
-        self.hidden = mlp_block(n_input, n_hidden, dropout=0.0)
+        self.hidden = mlp_block(n_input + self.n_covariates, n_hidden, dropout=0.0)
         self.species = tuple(species)
         self.heads = nn.ModuleDict({s: nn.Linear(n_hidden, n_genes) for s in self.species})
         self.zi_head = nn.Linear(n_hidden, n_genes) if zero_inflation else None
@@ -108,8 +128,22 @@ class FrequencyDecoder(nn.Module):
             log_freq = torch.log(values / values.sum())
             self.heads[species].bias.copy_(log_freq.to(self.heads[species].bias.device))
 
-    def forward(self, latent: Tensor) -> dict[str, Tensor]:
-        """Return ``{"rho_<species>": frequencies, ["zi_logits": logits]}``."""
+    def forward(self, latent: Tensor, covariates: Tensor | None = None) -> dict[str, Tensor]:
+        """Return ``{"rho_<species>": frequencies, ["zi_logits": logits]}``.
+
+        ``covariates`` (``(B, n_covariates)`` or with the latents' leading sample axes)
+        is required when the decoder was built with covariates.
+        """
+        if self.n_covariates:
+            covariates = _checked(covariates, self.n_covariates)
+            lead = torch.broadcast_shapes(latent.shape[:-1], covariates.shape[:-1])
+            latent = torch.cat(
+                [
+                    latent.expand(*lead, latent.shape[-1]),
+                    covariates.to(latent.dtype).expand(*lead, self.n_covariates),
+                ],
+                dim=-1,
+            )
         # BatchNorm1d needs (N, C): fold any leading sample axes into the batch axis.
         lead = latent.shape[:-1]
         h = self.hidden(latent.reshape(-1, latent.shape[-1]))
@@ -120,3 +154,15 @@ class FrequencyDecoder(nn.Module):
         if self.zi_head is not None:
             out["zi_logits"] = self.zi_head(h).reshape(*lead, -1)
         return out
+
+
+def _checked(covariates: Tensor | None, width: int) -> Tensor:
+    """The covariate tensor a network built with ``width`` covariates needs."""
+    if covariates is None:
+        raise ValueError(
+            f"this network was built with {width} covariate inputs (batch or covariates "
+            "registered at setup) but none were given; pass covariates=module.covariates(batch)"
+        )
+    if covariates.shape[-1] != width:
+        raise ValueError(f"expected {width} covariate inputs, got {covariates.shape[-1]}")
+    return covariates

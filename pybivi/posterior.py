@@ -146,6 +146,7 @@ def iter_draws(
     adata: Any = None,
     batch_size: int = 128,
     seed: int = 0,
+    transform_batch: Any = None,
 ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
     """Posterior draws, one minibatch of cells at a time.
 
@@ -176,6 +177,11 @@ def iter_draws(
         Cells per minibatch.
     seed
         Seed of the latent draws (the global RNG is untouched).
+    transform_batch
+        Models set up with ``batch_key``: decode every cell as if from this batch (a
+        category), or average the decoded quantities over a list of batches (the same
+        latent draws decoded at each); ``None`` decodes each cell at its own batch. The
+        encoders always read each cell's own batch (scvi-tools' ``transform_batch``).
 
     Yields
     ------
@@ -193,6 +199,7 @@ def iter_draws(
     wanted = tuple(quantities) if quantities is not None else quantity_names(model)
     gene_idx = torch.as_tensor(_gene_index(model, genes))
     ref = {f"reference_library_{s}": float(v) for s, v in model.registry.reference_library.items()}
+    decode_batches = transform_batch_codes(model, transform_batch)
     gen = torch.Generator().manual_seed(int(seed))
     nesting = None
     with _evaluation(module):
@@ -203,32 +210,80 @@ def iter_draws(
                 traced.update({k: torch.tensor(v) for k, v in ref.items()})
             # One seed per minibatch from the caller's seed; the global RNG is restored.
             batch_seed = int(torch.randint(2**62, (1,), generator=gen))
-            with torch.random.fork_rng(devices=_rng_devices(module)):
-                torch.manual_seed(batch_seed)
-                if nesting is None:
-                    nesting = _max_plate_nesting(module, traced)
-                trace = trace_posterior(module, traced, n_samples, nesting)
-            sites = {name for name, site in trace.nodes.items() if site["type"] == "sample"}
-            t = _site(trace, "salient", n_samples) if "salient" in sites else None
-            draws: dict[str, Any] = {"z": _site(trace, "z", n_samples), "t": t}
-            gi = gene_idx.to(draws["z"].device)
-            for lib in libraries:
-                names = {q: _site_name(q, lib) for q in wanted}
-                missing = [q for q, name in names.items() if name not in sites]
-                if missing:
-                    kinetic = getattr(module.scheme, "kinetic_param_names", ())
-                    available = sorted(
-                        n for n in sites if n.startswith(("mean_", "rho_")) or n in kinetic
-                    )
-                    raise KeyError(
-                        f"quantities {missing} are not available for this model "
-                        f"(available: {available})"
-                    )
-                draws[lib] = {
-                    q: _site(trace, name, n_samples).index_select(-1, gi)
-                    for q, name in names.items()
-                }
-            yield batch, draws
+            per_batch = []
+            first = nesting is None
+            # Each decoding batch replays the same latent draws (same seed, same RNG use):
+            # the average over batches is of the decoder alone, as scvi-tools'
+            # transform_batch.
+            for code in decode_batches:
+                if code is not None:
+                    traced["decode_batch_index"] = torch.tensor(code)
+                with torch.random.fork_rng(devices=_rng_devices(module)):
+                    torch.manual_seed(batch_seed)
+                    if first:
+                        nesting = _max_plate_nesting(module, traced)
+                    trace = trace_posterior(module, traced, n_samples, nesting)
+                draws = _trace_draws(trace, module, wanted, libraries, gene_idx, n_samples)
+                per_batch.append(draws)
+            yield batch, _average_draws(per_batch, libraries)
+
+
+def transform_batch_codes(model: Any, transform_batch: Any) -> list[int | None]:
+    """Batch indices to decode at: ``[None]`` (each cell's own batch) for ``None``.
+
+    Raises
+    ------
+    ValueError
+        ``transform_batch`` is given for a model without ``batch_key``, or names a batch
+        the model was not set up with.
+    """
+    if transform_batch is None:
+        return [None]
+    codes = model.registry.batch_codes(transform_batch)
+    if codes.size == 0:
+        raise ValueError("transform_batch is an empty list")
+    return [int(c) for c in codes]
+
+
+def _trace_draws(
+    trace: poutine.Trace,
+    module: Any,
+    wanted: Sequence[str],
+    libraries: Sequence[str],
+    gene_idx: torch.Tensor,
+    n_samples: int,
+) -> dict[str, Any]:
+    """Latents and per-library quantities of one traced minibatch (see :func:`iter_draws`)."""
+    sites = {name for name, site in trace.nodes.items() if site["type"] == "sample"}
+    t = _site(trace, "salient", n_samples) if "salient" in sites else None
+    draws: dict[str, Any] = {"z": _site(trace, "z", n_samples), "t": t}
+    gi = gene_idx.to(draws["z"].device)
+    for lib in libraries:
+        names = {q: _site_name(q, lib) for q in wanted}
+        missing = [q for q, name in names.items() if name not in sites]
+        if missing:
+            kinetic = getattr(module.scheme, "kinetic_param_names", ())
+            available = sorted(n for n in sites if n.startswith(("mean_", "rho_")) or n in kinetic)
+            raise KeyError(
+                f"quantities {missing} are not available for this model "
+                f"(available: {available})"
+            )
+        draws[lib] = {
+            q: _site(trace, name, n_samples).index_select(-1, gi) for q, name in names.items()
+        }
+    return draws
+
+
+def _average_draws(per_batch: list[dict[str, Any]], libraries: Sequence[str]) -> dict[str, Any]:
+    """The quantities averaged over decoding batches (latents are shared)."""
+    if len(per_batch) == 1:
+        return per_batch[0]
+    out = dict(per_batch[0])
+    for lib in libraries:
+        out[lib] = {
+            q: torch.stack([d[lib][q] for d in per_batch]).mean(0) for q in per_batch[0][lib]
+        }
+    return out
 
 
 def pooled_samples(
@@ -241,8 +296,11 @@ def pooled_samples(
     genes: Sequence[str] | None = None,
     batch_size: int = 128,
     seed: int = 0,
+    transform_batch: Any = None,
 ) -> dict[str, np.ndarray]:
     """Posterior samples of a group of cells, pooled: ``{quantity: (n_total, n_genes)}``.
+
+    ``transform_batch`` is as in :func:`iter_draws`.
 
     Each cell gets ``ceil(n_total / n_cells)`` draws (one draw each for a random subset of
     ``n_total`` cells when the group is larger), then ``n_total`` of the pooled draws
@@ -265,6 +323,7 @@ def pooled_samples(
         genes=genes,
         batch_size=batch_size,
         seed=seed,
+        transform_batch=transform_batch,
     ):
         for q in quantities:
             v = draws[library][q]
@@ -348,6 +407,7 @@ def posterior(
     posterior_predictive: bool = False,
     batch_size: int = 128,
     seed: int = 0,
+    transform_batch: Any = None,
 ):
     """Posterior draws as an :class:`arviz.InferenceData` (one chain of ``n_samples`` draws).
 
@@ -378,6 +438,11 @@ def posterior(
         Cells per minibatch (bounds the working memory to one minibatch).
     seed
         Seed of the latent draws and of the replicated counts.
+    transform_batch
+        Models set up with ``batch_key``: decode the means and kinetic parameters as if
+        every cell came from this batch, or average them over a list of batches (see
+        :func:`iter_draws`); ``None``: each cell at its own batch. Replicated counts are
+        always drawn at each cell's own batch.
 
     Returns
     -------
@@ -417,6 +482,7 @@ def posterior(
         adata=adata,
         batch_size=batch_size,
         seed=seed,
+        transform_batch=transform_batch,
     )
     with contextlib.ExitStack() as stack:
         if posterior_predictive:

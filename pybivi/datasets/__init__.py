@@ -37,12 +37,15 @@ from typing import Any
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import torch
 
 from pybivi.datasets._simulation import (
     EFFECT_KINDS,
     PHASES,
     PROGRAM_KINDS,
+    batch_design,
+    batch_truth,
     cell_cycle_effects,
     cell_design,
     cell_kinetics,
@@ -52,6 +55,7 @@ from pybivi.datasets._simulation import (
     log_uniform,
     merge_doublets,
     perturbation_table,
+    resolve_batch_effect,
     resolve_program_kinds,
     sample_counts,
     settings,
@@ -96,6 +100,8 @@ def simulate_perturbseq(
     capture_sigma: float = 0.35,
     frequency_log2: float = 0.0,
     doublet_fraction: float = 0.02,
+    n_batches: int = 1,
+    batch_effect: float | dict[str, float] = 0.5,
     chunk_cells: int = 1000,
     progress_bar: bool = False,
     escape_fraction: float | Mapping[str, float] = 0.0,
@@ -153,6 +159,17 @@ def simulate_perturbseq(
     doublet_fraction
         Fraction of cells that are doublets (sum of two cells' counts, joined
         labels, ``obs["doublet"] = True``).
+    n_batches
+        Number of batches (e.g. sequencing lanes or days). Cells are assigned at random;
+        controls and perturbed cells share each batch's effects. With 1 (default) the
+        simulation is exactly the batch-free one.
+    batch_effect
+        Log2 standard deviation of the batch effects: per batch and gene normal log2
+        shifts of the burst size ``b`` (both species) and of ``gamma/k`` (mature), and
+        per batch a log-normal capture factor. A number sets all three; a dict sets
+        ``"burst_size"``, ``"degradation"`` and ``"capture"`` (missing keys: 0). The
+        batch draws use their own generator, so the rest of the screen (genes, labels,
+        phases, program effects) is the same as with ``n_batches=1`` and the same seed.
     chunk_cells
         Cells per call of the sampler (bounds memory).
     progress_bar
@@ -174,8 +191,9 @@ def simulate_perturbseq(
     anndata.AnnData
         Layers ``unspliced`` and ``spliced`` (sparse integer counts), ``X`` =
         spliced; ``obs`` columns ``perturbation``, ``program``, ``phase``,
-        ``capture_efficiency``, ``doublet``; truth in ``var``, ``varm`` and
-        ``uns["simulation"]``.
+        ``capture_efficiency``, ``doublet`` (and ``batch`` with ``n_batches > 1``,
+        doublets taking their first cell's batch); truth in ``var``, ``varm`` and
+        ``uns["simulation"]`` (``uns["simulation"]["batches"]``: the batch effects).
     """
     if n_cells < 10 or n_genes < 10:
         raise ValueError(f"need at least 10 cells and 10 genes, got {n_cells} x {n_genes}")
@@ -188,6 +206,9 @@ def simulate_perturbseq(
     probs = np.asarray(phase_probabilities, dtype=float)
     if probs.shape != (3,) or np.any(probs < 0) or not np.isclose(probs.sum(), 1.0):
         raise ValueError("phase_probabilities must be three non-negative numbers summing to 1")
+    if int(n_batches) != n_batches or n_batches < 1:
+        raise ValueError(f"n_batches must be a positive integer, got {n_batches}")
+    effect = resolve_batch_effect(batch_effect)
     kinds = resolve_program_kinds(program_kinds, n_programs)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(int(seed))
@@ -210,9 +231,16 @@ def simulate_perturbseq(
     names = table["perturbation"].to_numpy()
     escape = dict(escape_fraction) if isinstance(escape_fraction, Mapping) else escape_fraction
     responder = draw_responders(pert_idx, names, escape, seed)
+    batches = None
+    if n_batches > 1:
+        batches = batch_design(seed, len(pert_idx), n_genes, int(n_batches), effect)
+        design["capture"] = design["capture"] * 2.0 ** batches["log2_capture"][batches["batch"]]
     prog_of_cell, cell_b, cell_beta, cell_gamma = cell_kinetics(
         design, table, effects, cc_log2, cell_cycle_mode, base_b, beta, base_gamma, responder
     )
+    if batches is not None:
+        cell_b = cell_b * 2.0 ** batches["log2_burst_size"][batches["batch"]]
+        cell_gamma = cell_gamma * 2.0 ** batches["log2_degradation"][batches["batch"]]
     nascent, mature = sample_counts(cell_b, cell_beta, cell_gamma, generator, chunk_cells,
                                      progress_bar)
 
@@ -224,12 +252,19 @@ def simulate_perturbseq(
     n_annotated = n_programs * perturbations_per_program  # the weak ones come after these
     programs[pert_idx >= n_annotated] = "unassigned"
     extra = {} if responder is None else {"responder": responder}
+    if batches is not None:
+        extra["batch"] = batches["batch"]
     cells = merge_doublets(
         design["n_doublets"],
         nascent=nascent, mature=mature, capture=design["capture"], perturbation=labels,
         program=programs, phase=np.array(PHASES)[phase_idx], **extra,
     )
     adata = to_anndata(cells, gene_truth(base_b, beta, base_gamma, cc_genes, cc_log2, effects))
+    if batches is not None:
+        truth = batch_truth(batches, effect)
+        adata.obs["batch"] = pd.Categorical(
+            np.asarray(truth["categories"])[cells["batch"]], categories=truth["categories"]
+        )
     for key in ("log2_b", "log2_gamma", "log2_frequency"):
         adata.varm[f"{key}_change"] = effects[key]
     adata.varm["effect_kind"] = effects["kind"]
@@ -244,6 +279,8 @@ def simulate_perturbseq(
             if isinstance(escape, dict)
             else float(escape)
         )
+    if batches is not None:
+        adata.uns["simulation"]["batches"] = truth
     return adata
 
 

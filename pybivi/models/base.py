@@ -29,7 +29,9 @@ _WEIGHTS = "module.pt"
 _HISTORY = "history.csv"
 
 
-_RESERVED = ("n_genes", "n_labels", "n_cells")
+_RESERVED = (
+    "n_genes", "n_labels", "n_cells", "n_batch", "n_cats_per_covariate", "n_continuous_covariates"
+)
 
 
 #: how the decoder's gene frequencies start (the ``frequency_init`` of the model classes)
@@ -104,8 +106,11 @@ class BaseModel:
         control_labels: Sequence[str] | str = ("NT",),
         nascent_layer: str | None = "unspliced",
         mature_layer: str | None = "spliced",
+        batch_key: str | None = None,
+        categorical_covariate_keys: Sequence[str] | None = None,
+        continuous_covariate_keys: Sequence[str] | None = None,
     ) -> None:
-        """Validate ``adata`` and register where the counts and labels are.
+        """Validate ``adata`` and register where the counts, labels and covariates are.
 
         Parameters
         ----------
@@ -119,12 +124,22 @@ class BaseModel:
         nascent_layer, mature_layer
             Layers of nascent (unspliced) and mature (spliced) counts; ``None`` is
             ``adata.X``. Mature-only models ignore ``nascent_layer``.
+        batch_key
+            ``obs`` column of the batch, as in scvi-tools: the one-hot batch is
+            concatenated to the inputs of the encoders and of the decoder, so latents
+            are corrected for it and decoded quantities can be read at any batch
+            (``transform_batch=``).
+        categorical_covariate_keys
+            Further categorical ``obs`` columns, injected one-hot like the batch.
+        continuous_covariate_keys
+            Numeric ``obs`` columns, injected as values.
 
         Raises
         ------
         KeyError, ValueError
-            Missing layer or key; negative, non-integer, NaN or mismatched counts; an empty
-            cell; a control label that never occurs; no control or no perturbed cells.
+            Missing layer, key or covariate column; negative, non-integer, NaN or
+            mismatched counts; an empty cell; a control label that never occurs; no
+            control or no perturbed cells; missing categories or NaN covariate values.
         """
         _data.setup_anndata(
             adata,
@@ -134,6 +149,9 @@ class BaseModel:
             mature_layer=mature_layer,
             use_nascent=cls._use_nascent,
             contrastive=cls._contrastive,
+            batch_key=batch_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
         )
 
     def _build(
@@ -213,6 +231,7 @@ class BaseModel:
             n_genes=registry.n_genes,
             n_labels=len(registry.labels),
             n_cells=registry.n_cells,
+            **registry.covariate_sizes(),
             **module_kwargs,
             **self._module_kwargs,
         )

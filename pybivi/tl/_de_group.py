@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pybivi.tl._de_batches import batch_codes_of, split_by_batch, stratified_compare
 from pybivi.tl._de_sources import Sampler, default_kinetic_params, group_masks, is_idata
 from pybivi.tl._de_streams import group_log2_draws, null_splits, pseudobulk_moments
 from pybivi.tl._de_weights import effective_sizes, restrict_masks
@@ -212,6 +213,7 @@ def group_test(
     batch_size: int = 256,
     seed: int = 0,
     cell_weights: np.ndarray | None = None,
+    transform_batch: Any = None,
 ) -> pd.DataFrame:
     """The group-level test behind :func:`pybivi.tl.de.kinetic` and :func:`pybivi.tl.de.mean`.
 
@@ -222,6 +224,12 @@ def group_test(
     weighted mean; cells of weight 0 leave the test, and the control-versus-control
     splits are size-matched to each group's effective number of cells. See
     :func:`pybivi.tl.de.kinetic` for the other arguments.
+
+    For a model set up with ``batch_key`` (two batches or more), the observed
+    pseudo-bulks are compared within each batch and combined with inverse-variance
+    weights (:mod:`pybivi.tl._de_batches`); ``estimate="decoded"`` decodes at
+    ``transform_batch`` (each cell's own batch by default) and adds the pooled
+    pseudo-bulks' sampling variance.
     """
     if estimate not in ESTIMATES:
         raise ValueError(f"estimate must be one of {ESTIMATES}, not {estimate!r}")
@@ -247,13 +255,23 @@ def group_test(
         splits = null_splits(sets["reference"], sizes, null_repeats, rng)
         for key, (inside, rest) in splits.items():
             sets[f"null:{key}"], sets[f"rest:{key}"] = inside, rest
-    moments = pseudobulk_moments(source, sets, batch_size, weights=cell_weights)
+    # Observed pseudo-bulks are compared within batches; decoded ones are corrected by
+    # decoding (transform_batch), and their added sampling variance is the pooled one.
+    codes = batch_codes_of(source) if estimate == "observed" else None
+    counted = sets if codes is None else split_by_batch(sets, codes)
+    moments = pseudobulk_moments(source, counted, batch_size, weights=cell_weights)
     observed = {k: _observed_estimates(m, names, kinetic) for k, m in moments.items()}
     decoded = None
     if estimate == "decoded":
         decoded = _decoded_estimates(
             source, sets, names, kind, kinetic, aggregate, n_draws, batch_size, seed,
             cell_weights,
+            transform_batch,
+        )
+    elif transform_batch is not None:
+        raise ValueError(
+            "transform_batch= applies to decoded quantities: use estimate='decoded' (the "
+            "observed test already compares within batches)"
         )
     settings = dict(
         shrink=shrink,
@@ -265,9 +283,15 @@ def group_test(
         rng=rng,
     )
 
+    def observed_compare(a: str, b: str, p: str) -> tuple[np.ndarray, np.ndarray]:
+        if codes is None:
+            return _compare(observed[a][p], observed[b][p])
+        n_batches = int(codes.max()) + 1
+        return stratified_compare(observed, a, b, p, n_batches, _compare, _UNKNOWN_SE)
+
     def compare(a: str, b: str, p: str):
         if decoded is None:
-            lfc, se = _compare(observed[a][p], observed[b][p])
+            lfc, se = observed_compare(a, b, p)
         else:
             # The draws' spread plus the cells' sampling variance of the observed means.
             sampling = observed[a][p][1] + observed[b][p][1]
@@ -315,7 +339,8 @@ def group_test(
 
 
 def _decoded_estimates(
-    source, sets, names, kind, kinetic, aggregate, n_draws, batch_size, seed, weights=None
+    source, sets, names, kind, kinetic, aggregate, n_draws, batch_size, seed, weights=None,
+    transform_batch=None,
 ) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Per set and parameter: mean and variance over the posterior draws of the log2 value."""
     if kind == "mean":
@@ -333,6 +358,7 @@ def _decoded_estimates(
         batch_size=batch_size,
         seed=seed,
         weights=weights,
+        transform_batch=transform_batch,
     )
     out = {}
     for k, d in draws.items():

@@ -84,9 +84,22 @@ def _idata_samples(idata: Any, name: str, mask: np.ndarray) -> np.ndarray:
 class Sampler:
     """Pooled posterior samples per group, from a model (drawn) or an InferenceData (read)."""
 
-    def __init__(self, source: Any, groupby: str, n_samples: int, seed: int, batch_size: int):
+    def __init__(
+        self,
+        source: Any,
+        groupby: str,
+        n_samples: int,
+        seed: int,
+        batch_size: int,
+        transform_batch: Any = None,
+    ):
         self.source, self.n_samples, self.seed = source, n_samples, seed
-        self.batch_size = batch_size
+        self.batch_size, self.transform_batch = batch_size, transform_batch
+        if is_idata(source) and transform_batch is not None:
+            raise ValueError(
+                "transform_batch needs a model; an InferenceData holds the batch it was "
+                "exported at (model.posterior(transform_batch=...))"
+            )
         if is_idata(source):
             const = source.constant_data
             if groupby not in const:
@@ -122,6 +135,7 @@ class Sampler:
             library="reference",
             batch_size=self.batch_size,
             seed=self.seed + salt,
+            transform_batch=self.transform_batch,
         )
 
 

@@ -186,7 +186,13 @@ def _moments(acc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _model_draw_chunks(
-    model: Any, rows: np.ndarray, names: Sequence[str], n_draws: int, batch_size: int, seed: int
+    model: Any,
+    rows: np.ndarray,
+    names: Sequence[str],
+    n_draws: int,
+    batch_size: int,
+    seed: int,
+    transform_batch: Any = None,
 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     from pybivi.posterior import iter_draws
 
@@ -198,6 +204,7 @@ def _model_draw_chunks(
         libraries=("reference",),
         batch_size=batch_size,
         seed=seed,
+        transform_batch=transform_batch,
     ):
         values = {q: draws["reference"][q].double().cpu().numpy() for q in names}
         yield batch["index"].cpu().numpy(), values
@@ -233,6 +240,7 @@ def group_log2_draws(
     batch_size: int = 256,
     seed: int = 0,
     weights: np.ndarray | None = None,
+    transform_batch: Any = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Posterior draws of each set's population-level log2 values of ``quantities``.
 
@@ -255,6 +263,9 @@ def group_log2_draws(
         Draws per cell (model source), cells per chunk, seed of the draws.
     weights
         Optional weight of every row: the means over a set's cells are weighted.
+    transform_batch
+        Model source set up with ``batch_key``: the batch (or list, averaged) to decode
+        at (:func:`pybivi.posterior.iter_draws`); ``None``: each cell's own batch.
 
     Returns
     -------
@@ -267,9 +278,16 @@ def group_log2_draws(
         raise ValueError(f"n_draws must be >= 2 to describe a posterior, got {n_draws}")
     rows, members, position = _membership(sets)
     if is_idata(source):
+        if transform_batch is not None:
+            raise ValueError(
+                "transform_batch needs a model; an InferenceData holds the batch it was "
+                "exported at (model.posterior(transform_batch=...))"
+            )
         chunks = _idata_draw_chunks(source, rows, quantities, batch_size)
     else:
-        chunks = _model_draw_chunks(source, rows, quantities, n_draws, batch_size, seed)
+        chunks = _model_draw_chunks(
+            source, rows, quantities, n_draws, batch_size, seed, transform_batch
+        )
     counts: dict[str, float] = {}
     sums: dict[str, dict[str, np.ndarray]] = {k: {} for k in members}
     for chunk_rows, values in chunks:

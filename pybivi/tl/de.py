@@ -91,6 +91,7 @@ def kinetic(
     seed: int = 0,
     weights: Any = None,
     responders: Any = None,
+    transform_batch: Any = None,
 ) -> pd.DataFrame:
     """Kinetic differential test of groups of cells against a reference.
 
@@ -184,6 +185,14 @@ def kinetic(
         source tests all cells. ``responders=False`` switches this off.
     batch_size, seed
         Cells per minibatch; seed of the draws, the splits and the pairs.
+    transform_batch
+        Models set up with ``batch_key``: where decoding happens (``"pairs"``, and
+        ``"group"`` with ``estimate="decoded"``), decode every cell at this batch, or
+        average over a list of batches (scvi-tools' ``transform_batch``); ``None``:
+        each cell at its own batch. The observed ``"group"`` test instead compares
+        pseudo-bulks within each batch and combines the batches' lfc with
+        inverse-variance weights, so a batch effect shared by group and reference
+        cancels (:mod:`pybivi.tl._de_batches`).
 
     Returns
     -------
@@ -220,6 +229,7 @@ def kinetic(
             delta=1.0 if delta is None else delta, bf_threshold=bf_threshold,
             n_pairs=n_pairs, n_samples=n_samples, normalize=normalize,
             batch_size=batch_size, seed=seed, cell_weights=cell_weights,
+            transform_batch=transform_batch,
         )  # fmt: skip
     return group_test(
         model_or_idata, groupby, group, reference, kind="kinetic", params=params,
@@ -228,6 +238,7 @@ def kinetic(
         n_posterior=n_posterior, null_repeats=null_repeats, credible_mass=credible_mass,
         bf_threshold=bf_threshold, normalize=normalize, batch_size=batch_size, seed=seed,
         cell_weights=cell_weights,
+        transform_batch=transform_batch,
     )  # fmt: skip
 
 
@@ -246,9 +257,10 @@ def _kinetic_pairs(
     batch_size: int,
     seed: int,
     cell_weights: np.ndarray | None = None,
+    transform_batch: Any = None,
 ) -> pd.DataFrame:
     """biVI's pooled-pairs kinetic test (``kinetic(method="pairs")``)."""
-    sampler = Sampler(model_or_idata, groupby, n_samples, seed, batch_size)
+    sampler = Sampler(model_or_idata, groupby, n_samples, seed, batch_size, transform_batch)
     names = tuple(params) if params is not None else default_kinetic_params(model_or_idata)
     ref_mask, masks = group_masks(sampler.labels, sampler.is_control, group, reference, groupby)
     ref_mask, masks = thin_masks(ref_mask, masks, cell_weights, seed)
@@ -305,6 +317,7 @@ def mean(
     seed: int = 0,
     weights: Any = None,
     responders: Any = None,
+    transform_batch: Any = None,
 ) -> pd.DataFrame:
     """Mean-expression differential test on normalised mature expression ``rho_M``.
 
@@ -361,6 +374,14 @@ def mean(
         source tests all cells. ``responders=False`` switches this off.
     batch_size, seed
         Minibatch size of the draws; seed of the draws and pairs.
+    transform_batch
+        Models set up with ``batch_key``: where decoding happens (``"pairs"``, and
+        ``"group"`` with ``estimate="decoded"``), decode every cell at this batch, or
+        average over a list of batches (scvi-tools' ``transform_batch``); ``None``:
+        each cell at its own batch. The observed ``"group"`` test instead compares
+        pseudo-bulks within each batch and combines the batches' lfc with
+        inverse-variance weights, so a batch effect shared by group and reference
+        cancels (:mod:`pybivi.tl._de_batches`).
 
     Returns
     -------
@@ -384,9 +405,10 @@ def mean(
             null_repeats=null_repeats, credible_mass=credible_mass,
             bf_threshold=bf_threshold, batch_size=batch_size, seed=seed,
             cell_weights=cell_weights,
+            transform_batch=transform_batch,
         )  # fmt: skip
     delta = 0.2 if delta is None else delta
-    sampler = Sampler(model_or_idata, groupby, n_samples, seed, batch_size)
+    sampler = Sampler(model_or_idata, groupby, n_samples, seed, batch_size, transform_batch)
     ref_mask, masks = group_masks(sampler.labels, sampler.is_control, group, reference, groupby)
     ref_mask, masks = thin_masks(ref_mask, masks, cell_weights, seed)
     ref_scales = sampler(ref_mask, ["rho_mature"], salt=0)["rho_mature"]
