@@ -65,7 +65,12 @@ def main() -> None:
         warnings.simplefilter("ignore")
         hellinger = score(model.log_prob_mature_given_nascent, held)["hellinger"]
     train_dir = cache / "train_s0_large2048_r24"
-    train_params = np.load(train_dir / "params.npy")
+    train_params = None
+    if (train_dir / "params.npy").exists():
+        train_params = np.load(train_dir / "params.npy")
+    else:
+        print(f"(no training solutions in {train_dir}: comparing trained rows with the rows "
+              "between them needs `pybivi approximator train --cache` first)")
     for i in np.argsort(-hellinger)[: a.worst]:
         b, beta, gamma = held.params[i]
         print(
@@ -80,6 +85,8 @@ def main() -> None:
                 f"  n = {n:3d}: mean of m exact {exact[n] @ grid:7.2f}, "
                 f"approx {approx[n] @ grid:7.2f}"
             )
+        if train_params is None:
+            continue
         j = int(np.argmin(np.abs(np.log10(train_params) - np.log10(held.params[i])).sum(1)))
         chunk = ConditionalSet.load(train_dir / f"chunk_{j // 8:05d}.npz")
         trained = {int(n) for n in chunk.cond_n[chunk.cond_design == j % 8]}
