@@ -19,7 +19,7 @@ from pathlib import Path
 import docs_output
 import torch
 
-from pybivi import datasets, pipeline, pp
+from pybivi import datasets, pp, report
 
 
 def main() -> None:
@@ -28,7 +28,8 @@ def main() -> None:
     parser.add_argument("--genes", type=int, default=800)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--models", default=",".join(pipeline.MODEL_NAMES))
+    parser.add_argument("--models", default=",".join(report.MODEL_NAMES))
+    parser.add_argument("--frequency-init", default="random", choices=["random", "data"])
     parser.add_argument("--embedding", default="umap", choices=("umap", "pca"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--out", default="results/bench_demo")
@@ -46,10 +47,11 @@ def main() -> None:
     kinds = raw.uns["simulation"]
     adata.uns["program_kinds"] = dict(zip(kinds["programs"], kinds["program_kinds"], strict=True))
     t_prep = time.perf_counter() - t0
-    summary = pipeline.run_pipeline(
+    summary = report.run_pipeline(
         adata, Path(args.out), perturbation_key="perturbation", controls=["NT"],
         program_key="program", phase_key="phase", models=models, seeds=args.seeds,
         epochs=args.epochs, embedding=args.embedding, quiet=True,
+        frequency_init=args.frequency_init,
     )
     total = time.perf_counter() - start
     print(f"data: {raw.n_obs} x {raw.n_vars} -> prepared {adata.n_obs} x {adata.n_vars}")

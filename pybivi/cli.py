@@ -70,6 +70,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, embedding=args.embedding, quiet=quiet,
         title="pybivi demo: figures 2 and 3 on a simulated screen", intro=intro,
         differential=not args.no_de, predictive_check=args.ppc,
+        frequency_init=args.frequency_init,
     )
     _print_summary(summary, Path(args.out))
     return 0
@@ -97,6 +98,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         models=args.models, seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size,
         embedding=args.embedding, quiet=quiet, title=f"pybivi fit: {Path(args.data).name}",
         differential=not args.no_de, predictive_check=args.ppc,
+        frequency_init=args.frequency_init,
     )
     _print_summary(summary, Path(args.out))
     return 0
@@ -136,6 +138,9 @@ def _add_fit_options(p: argparse.ArgumentParser, epochs: int) -> None:
                    help="skip figure 3 (differential tests of b, gamma/k and mean expression)")
     p.add_argument("--ppc", action="store_true",
                    help="add a posterior-predictive check of ContrastiveBiVI (500 cells)")
+    p.add_argument("--frequency-init", choices=("random", "data"), default="random",
+                   help="how the decoders' gene frequencies start: 'data' starts each gene at "
+                   "its share of the counts (recommended for real data)")
     # One thread by default: on a shared 2-core machine two torch threads spin-wait on
     # each other (measured 40 s vs 5.4 s per ContrastiveBiVI epoch at load average 8).
     p.add_argument("--threads", type=_positive_int, default=1,

@@ -91,12 +91,20 @@ def test_simulate_then_fit_a_user_file(tmp_path, capsys):
     rc = cli.main([
         "fit", str(data), "--perturbation-key", "perturbation", "--control", "NT",
         "--program-key", "program", "--models", "scvi", "--epochs", "1", "--embedding", "pca",
-        "--no-cell-cycle", "--out", str(out), "--quiet",
+        "--no-cell-cycle", "--out", str(out), "--quiet", "--frequency-init", "data",
     ])
     assert rc == 0
     a = ad.read_h5ad(out / "adata.h5ad")
     assert "X_SCVI" in a.obsm and (out / "index.html").exists()
     assert "scVI (M)" in capsys.readouterr().out
+    # --frequency-init data reached the model: its decoder started at the data's frequencies,
+    # so after one epoch the bias still follows the log share of each gene's counts.
+    import pybivi
+
+    model = pybivi.SCVI.load(out / "models" / "SCVI_seed0", a)
+    totals = np.asarray(a.layers["spliced"].sum(0)).ravel() + 0.5
+    bias = model.module.decoder.heads["mature"].bias.detach().numpy()
+    assert np.corrcoef(bias, np.log(totals))[0, 1] > 0.9
 
 
 def test_fit_errors_name_the_problem(tmp_path, capsys):

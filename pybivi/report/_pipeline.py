@@ -42,14 +42,14 @@ def log_step(message: str, quiet: bool) -> None:
 
 def _fit_one(
     name: str, adata: Any, perturbation_key: str, controls: list[str], seed: int,
-    epochs: int, batch_size: int, quiet: bool,
+    epochs: int, batch_size: int, quiet: bool, frequency_init: str = "random",
 ) -> Any:
     """Set up, build and train one model (its own progress bar shows the epochs)."""
     import pybivi
 
     cls = getattr(pybivi, name)
     cls.setup_anndata(adata, perturbation_key=perturbation_key, control_labels=controls)
-    model = cls(adata, seed=seed)
+    model = cls(adata, seed=seed, frequency_init=frequency_init)
     model.train(max_epochs=epochs, batch_size=batch_size, seed=seed, progress_bar=not quiet)
     return model
 
@@ -111,12 +111,14 @@ def run_pipeline(
     intro: str = "",
     differential: bool = True,
     predictive_check: bool = False,
+    frequency_init: str = "random",
 ) -> dict[str, Any]:
     """Fit every model for every seed, evaluate, and write the report folder.
 
     With ``differential``, the seed-0 models also give the paper's figure 3 (differential
     tests of ``b`` and ``gamma/k`` against mean expression, :func:`pybivi.report.figure3`);
     with ``predictive_check``, a posterior-predictive section (:func:`pybivi.report.ppc_section`).
+    ``frequency_init`` is passed to every model class (``"data"`` is recommended for real data).
 
     Writes ``out/index.html`` with figures beside it, ``out/metrics.json``,
     ``out/models/<Model>_seed<k>/`` and ``out/adata.h5ad`` (representations in
@@ -136,7 +138,7 @@ def run_pipeline(
     fits = _fit_all(
         adata, out, perturbation_key=perturbation_key, controls=controls,
         program_key=program_key, phase_key=phase_key, models=models, seeds=seeds,
-        epochs=epochs, batch_size=batch_size, quiet=quiet,
+        epochs=epochs, batch_size=batch_size, quiet=quiet, frequency_init=frequency_init,
     )
     table, purity_table, first = fits["table"], fits["purity"], fits["first"]
     log_step("writing the report", quiet)
@@ -182,7 +184,7 @@ def run_pipeline(
 def _fit_all(
     adata: Any, out: Path, *, perturbation_key: str, controls: list[str],
     program_key: str | None, phase_key: str | None, models: Sequence[str], seeds: int,
-    epochs: int, batch_size: int, quiet: bool,
+    epochs: int, batch_size: int, quiet: bool, frequency_init: str = "random",
 ) -> dict[str, Any]:
     """Fit each model for each seed, store representations, evaluate, save the models."""
     import torch
@@ -199,7 +201,10 @@ def _fit_all(
         bar.set_postfix_str(f"{name} seed {seed}")
         torch.set_num_threads(threads)
         t0 = time.perf_counter()
-        model = _fit_one(name, adata, perturbation_key, controls, seed, epochs, batch_size, quiet)
+        model = _fit_one(
+            name, adata, perturbation_key, controls, seed, epochs, batch_size, quiet,
+            frequency_init,
+        )
         seconds[f"{name}_seed{seed}"] = round(time.perf_counter() - t0, 1)
         rep = model.get_latent_representation()
         adata.obsm[f"X_{name}_seed{seed}"] = rep
