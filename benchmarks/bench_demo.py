@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--models", default=",".join(report.MODEL_NAMES))
-    parser.add_argument("--frequency-init", default="random", choices=["random", "data"])
+    parser.add_argument("--frequency-init", default="auto", choices=["auto", "random", "data"])
     parser.add_argument("--embedding", default="umap", choices=("umap", "pca"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--out", default="results/bench_demo")

@@ -241,7 +241,7 @@ def main() -> None:
     parser.add_argument("--schemes", default="bursty,extrinsic,constitutive")
     parser.add_argument("--pairs", type=int, default=300,
                         help="pairs per region for A (0: skip hypotheses A and B)")
-    parser.add_argument("--frequency-init", default="random", choices=["random", "data"],
+    parser.add_argument("--frequency-init", default="random", choices=["random", "data", "auto"],
                         help="how the decoder's gene frequencies start (see the model classes)")
     parser.add_argument("--out", default=str(ROOT / "results" / "real_data_ppc"))
     parser.add_argument("--plugin", action="store_true",

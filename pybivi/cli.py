@@ -138,9 +138,9 @@ def _add_fit_options(p: argparse.ArgumentParser, epochs: int) -> None:
                    help="skip figure 3 (differential tests of b, gamma/k and mean expression)")
     p.add_argument("--ppc", action="store_true",
                    help="add a posterior-predictive check of ContrastiveBiVI (500 cells)")
-    p.add_argument("--frequency-init", choices=("random", "data"), default="random",
-                   help="how the decoders' gene frequencies start: 'data' starts each gene at "
-                   "its share of the counts (recommended for real data)")
+    p.add_argument("--frequency-init", choices=("auto", "data", "random"), default="auto",
+                   help="how the decoders' gene frequencies start: 'data' (auto) starts each "
+                   "gene at its share of the counts, 'random' as in the paper")
     # One thread by default: on a shared 2-core machine two torch threads spin-wait on
     # each other (measured 40 s vs 5.4 s per ContrastiveBiVI epoch at load average 8).
     p.add_argument("--threads", type=_positive_int, default=1,

@@ -43,7 +43,8 @@ def test_the_untrained_decoder_starts_at_the_data_frequencies(cls):
     adata = _skewed_adata()
     cls.setup_anndata(adata, perturbation_key="perturbation", control_labels=["NT"])
     data = cls(adata, frequency_init="data", seed=0)
-    default = cls(adata, seed=0)
+    default = cls(adata, frequency_init="random", seed=0)
+    auto = cls(adata, seed=0)
     layers = {"nascent": "unspliced", "mature": "spliced"}
     for species, decoded in _decoded_log_frequencies(data).items():
         totals = np.asarray(adata.layers[layers[species]].sum(0)) + 0.5
@@ -53,6 +54,8 @@ def test_the_untrained_decoder_starts_at_the_data_frequencies(cls):
         assert abs(np.mean(decoded - empirical)) < 0.5
         random_start = _decoded_log_frequencies(default)[species]
         assert abs(np.corrcoef(random_start, empirical)[0, 1]) < 0.6
+        # The default ("auto") starts pybivi's decoder at the data, as "data" does.
+        np.testing.assert_allclose(_decoded_log_frequencies(auto)[species], decoded, atol=1e-5)
 
 
 def test_frequency_init_is_checked(make_adata):
@@ -73,6 +76,9 @@ def test_a_decoder_without_frequency_heads_is_named(make_adata):
     pybivi.BiVI.setup_anndata(adata)
     with pytest.raises(ValueError, match="start_at_frequencies"):
         pybivi.BiVI(adata, frequency_init="data", module_cls=_NoFrequencyDecoder)
+    # The default falls back to the module's own initialisation for such a decoder.
+    assert isinstance(pybivi.BiVI(adata, module_cls=_NoFrequencyDecoder).module.decoder,
+                      torch.nn.Identity)
 
 
 def test_start_at_frequencies_rejects_bad_values():

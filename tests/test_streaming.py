@@ -127,8 +127,12 @@ def test_rows_come_from_disk_a_bounded_block_at_a_time(make_adata, tmp_path, mon
     # (a CME model would also score every cell after training, in batches of 512)
     pybivi.ContrastiveVI.setup_anndata(lazy)
     reads.clear()
-    model = pybivi.ContrastiveVI(lazy, n_hidden=16, seed=0)
+    pybivi.ContrastiveVI(lazy, n_hidden=16, seed=0, frequency_init="random")
     assert reads == []  # the setup's library sizes are reused
+    model = pybivi.ContrastiveVI(lazy, n_hidden=16, seed=0)
+    # the decoder's start at the data's frequencies: one streamed pass of the mature layer
+    assert 0 < max(reads) <= 32 and sum(reads) == 200
+    reads.clear()
     cells = model._cells
     cells.block_size, cells.load_blocks = 16, 2
     model.train(seed=0, **FAST)

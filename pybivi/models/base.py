@@ -29,7 +29,7 @@ _RESERVED = (
 
 
 #: how the decoder's gene frequencies start (the ``frequency_init`` of the model classes)
-FREQUENCY_INITS = ("random", "data")
+FREQUENCY_INITS = ("auto", "data", "random")
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -114,7 +114,7 @@ class BaseModel(SaveLoadMixin):
         seed: int,
         module_cls: type[ContrastiveModule] | None = None,
         extra_kwargs: dict[str, Any] | None = None,
-        frequency_init: str = "random",
+        frequency_init: str = "auto",
     ) -> None:
         """Register ``adata`` and build the module.
 
@@ -151,7 +151,10 @@ class BaseModel(SaveLoadMixin):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.module = self._make_module(module_kwargs)
-        if frequency_init == "data":
+        decoder = getattr(self.module, "decoder", None)
+        if frequency_init == "data" or (
+            frequency_init == "auto" and hasattr(decoder, "start_at_frequencies")
+        ):
             self._start_at_data_frequencies()
         self.device = torch.device("cpu")
         self.history = pd.DataFrame(

@@ -42,7 +42,7 @@ def log_step(message: str, quiet: bool) -> None:
 
 def _fit_one(
     name: str, adata: Any, perturbation_key: str, controls: list[str], seed: int,
-    epochs: int, batch_size: int, quiet: bool, frequency_init: str = "random",
+    epochs: int, batch_size: int, quiet: bool, frequency_init: str = "auto",
 ) -> Any:
     """Set up, build and train one model (its own progress bar shows the epochs)."""
     import pybivi
@@ -111,14 +111,14 @@ def run_pipeline(
     intro: str = "",
     differential: bool = True,
     predictive_check: bool = False,
-    frequency_init: str = "random",
+    frequency_init: str = "auto",
 ) -> dict[str, Any]:
     """Fit every model for every seed, evaluate, and write the report folder.
 
     With ``differential``, the seed-0 models also give the paper's figure 3 (differential
     tests of ``b`` and ``gamma/k`` against mean expression, :func:`pybivi.report.figure3`);
     with ``predictive_check``, a posterior-predictive section (:func:`pybivi.report.ppc_section`).
-    ``frequency_init`` is passed to every model class (``"data"`` is recommended for real data).
+    ``frequency_init`` is passed to every model class.
 
     Writes ``out/index.html`` with figures beside it, ``out/metrics.json``,
     ``out/models/<Model>_seed<k>/`` and ``out/adata.h5ad`` (representations in
@@ -184,7 +184,7 @@ def run_pipeline(
 def _fit_all(
     adata: Any, out: Path, *, perturbation_key: str, controls: list[str],
     program_key: str | None, phase_key: str | None, models: Sequence[str], seeds: int,
-    epochs: int, batch_size: int, quiet: bool, frequency_init: str = "random",
+    epochs: int, batch_size: int, quiet: bool, frequency_init: str = "auto",
 ) -> dict[str, Any]:
     """Fit each model for each seed, store representations, evaluate, save the models."""
     import torch
