@@ -82,6 +82,8 @@ def fit_or_load(adata, args: argparse.Namespace):
         tag += f"_m{args.means_lr_factor:g}"
     if args.lr != 1e-3:
         tag += f"_lr{args.lr:g}"
+    if args.frequency_init != "random":  # fits cached before this option used "random"
+        tag += f"_f{args.frequency_init}"
     # None leaves the model's own default (the paper's 10) and the cache tag unchanged.
     salient = {} if args.n_salient is None else {"n_salient": args.n_salient}
     if salient:
@@ -91,7 +93,7 @@ def fit_or_load(adata, args: argparse.Namespace):
     if (path / "config.json").exists() and not args.refit:
         print(f"model: cached {path.relative_to(ROOT)}")
         return ContrastiveBiVI.load(path, adata)
-    model = ContrastiveBiVI(adata, seed=args.seed, **salient)
+    model = ContrastiveBiVI(adata, seed=args.seed, frequency_init=args.frequency_init, **salient)
     t0 = time.perf_counter()
     with _means_lr(model.module, args.means_lr_factor):
         model.train(
@@ -388,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="salient dimensions (default: the model's, 10 as in the paper)")
     parser.add_argument("--normalize", choices=("median_ratio",), default=None)
     parser.add_argument("--refit", action="store_true")
+    parser.add_argument("--frequency-init", default="auto", choices=("auto", "data", "random"),
+                        help="how the decoder starts (see the model classes)")
     parser.add_argument("--diagnostics", action="store_true",
                         help="also print the pooled-pairs diagnosis (first seed)")
     parser.add_argument("--group-level", type=int, default=0, metavar="N",
