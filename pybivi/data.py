@@ -57,11 +57,11 @@ from pybivi._covariates import (
 from pybivi.storage import (
     DEFAULT_BLOCK_SIZE,
     CountStore,
-    library_of,
     obs_columns,
     obs_labels,
-    remember_library,
+    remember_totals,
     shuffled_blocks,
+    totals_of,
 )
 
 UNS_KEY = "_pybivi"
@@ -267,7 +267,8 @@ def setup_anndata(
     for name, layer in species:
         where = "adata.X" if layer is None else f"layer {layer!r}"
         store = _store(_layer(adata, layer), f"{name} counts ({where})", shape)
-        library = store.scan(check=True)
+        totals = store.scan(check=True)
+        library = totals.library
         empty = np.flatnonzero(library <= 0)
         if empty.size:
             raise ValueError(
@@ -275,7 +276,7 @@ def setup_anndata(
                 "their library size is zero. Filter them out first (e.g. sc.pp.filter_cells)."
             )
         if not store.in_memory:
-            remember_library(adata, layer, library)
+            remember_totals(adata, layer, totals)
     key = perturbation_key
     if key is not None and key not in obs_columns(adata):
         if contrastive:
@@ -350,7 +351,7 @@ def make_registry(adata: Any) -> Registry:
     for name in ("mature", "nascent") if args["use_nascent"] else ("mature",):
         layer = args[f"{name}_layer"]
         store = _store(_layer(adata, layer), f"{name} counts", shape)
-        reference[name] = float(np.median(library_of(adata, layer, store, check=False)))
+        reference[name] = float(np.median(totals_of(adata, layer, store, check=False).library))
     batch_key, categorical = args["batch_key"], args["categorical_covariate_keys"]
 
     def categories(key: str, what: str) -> list[str]:
@@ -424,13 +425,16 @@ class CellData:
         shape = (adata.n_obs, adata.n_vars)
         self._stores: dict[str, CountStore] = {}
         self.library: dict[str, np.ndarray] = {}
+        self._gene_totals: dict[str, np.ndarray] = {}
         species = [("mature", registry.mature_layer)]
         if registry.use_nascent:
             species.append(("nascent", registry.nascent_layer))
         for name, layer in species:
             store = _store(_layer(adata, layer), f"{name} counts", shape)
             self._stores[name] = store
-            self.library[name] = library_of(adata, layer, store, check).astype(np.float32)
+            totals = totals_of(adata, layer, store, check)
+            self.library[name] = totals.library.astype(np.float32)
+            self._gene_totals[name] = totals.genes
         if check and any((lib <= 0).any() for lib in self.library.values()):
             raise ValueError("some cells have a zero library size; filter them out first")
         self.in_memory = all(store.in_memory for store in self._stores.values())
@@ -454,15 +458,8 @@ class CellData:
         self.covariates = covariate_arrays(adata, registry)
 
     def gene_totals(self) -> dict[str, np.ndarray]:
-        """Each species' total count per gene, in one pass over row blocks (no full copy)."""
-        out = {}
-        for name, store in self._stores.items():
-            total = None
-            for _, rows in store.blocks():
-                part = np.asarray(rows.sum(axis=0), dtype=np.float64).ravel()
-                total = part if total is None else total + part
-            out[name] = total
-        return out
+        """Each species' total count per gene (from the same pass as the library sizes)."""
+        return {name: totals.copy() for name, totals in self._gene_totals.items()}
 
     @property
     def block_size(self) -> int | None:
@@ -536,4 +533,3 @@ class CellData:
                 else:
                     rows = {name: m[start : start + batch_size] for name, m in loaded.items()}
                     yield self._to_batch(chunk, rows, device)
-

@@ -20,7 +20,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -29,13 +29,14 @@ import scipy.sparse as sp
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "CountStore",
+    "Totals",
     "check_count_values",
-    "library_of",
     "obs_columns",
     "obs_labels",
     "open_lazy",
-    "remember_library",
+    "remember_totals",
     "shuffled_blocks",
+    "totals_of",
 ]
 
 #: Contiguous rows per shuffled block for on-disk data (benchmarks/scale.py measures
@@ -151,11 +152,12 @@ class CountStore:
         for start in range(0, self.n_rows, block_size):
             yield start, self.read_slice(start, min(start + block_size, self.n_rows))
 
-    def scan(self, check: bool = True, block_size: int | None = None) -> np.ndarray:
-        """Per-row sums (library sizes, float64), checking the counts on the way.
+    def scan(self, check: bool = True, block_size: int | None = None) -> Totals:
+        """Per-row and per-column sums (float64), checking the counts on the way.
 
         One pass over the matrix: the whole of it when in memory, blocks of
-        ``block_size`` rows (default :data:`SCAN_BLOCK_SIZE`) when on disk.
+        ``block_size`` rows (default :data:`SCAN_BLOCK_SIZE`) when on disk. The row sums
+        are the cells' library sizes, the column sums the genes' total counts.
 
         Raises
         ------
@@ -168,13 +170,18 @@ class CountStore:
             if check:
                 values = self.matrix.data if sp.issparse(self.matrix) else self.matrix
                 check_count_values(np.asarray(values), self.what)
-            return np.asarray(self.matrix.sum(axis=1), dtype=np.float64).ravel()
-        sums = np.empty(self.n_rows, dtype=np.float64)
+            return Totals(
+                np.asarray(self.matrix.sum(axis=1), dtype=np.float64).ravel(),
+                np.asarray(self.matrix.sum(axis=0), dtype=np.float64).ravel(),
+            )
+        rows = np.empty(self.n_rows, dtype=np.float64)
+        columns = np.zeros(self.shape[1], dtype=np.float64)
         for start, block in self.blocks(block_size):
             if check:
                 check_count_values(block.data if sp.issparse(block) else block, self.what)
-            sums[start : start + block.shape[0]] = np.asarray(block.sum(axis=1)).ravel()
-        return sums
+            rows[start : start + block.shape[0]] = np.asarray(block.sum(axis=1)).ravel()
+            columns += np.asarray(block.sum(axis=0), dtype=np.float64).ravel()
+        return Totals(rows, columns)
 
 
 def check_count_dtype(dtype: np.dtype, what: str) -> None:
@@ -280,32 +287,39 @@ def shuffled_blocks(
     return np.concatenate(out) if out else rows
 
 
-# Library sizes of on-disk layers validated by setup_anndata, so that the model built
-# right after it does not read the whole layer again: {(id(adata), layer): (ref, sizes)}.
-_SCANNED: dict[tuple[int, str | None], tuple[weakref.ref, np.ndarray]] = {}
+class Totals(NamedTuple):
+    """A count matrix's row sums (``library``: per cell) and column sums (``genes``)."""
+
+    library: np.ndarray
+    genes: np.ndarray
 
 
-def remember_library(adata: Any, layer: str | None, library: np.ndarray) -> None:
-    """Keep the library sizes of ``adata``'s ``layer`` (``None``: ``X``) while it lives."""
+# Totals of on-disk layers validated by setup_anndata, so that the model built right
+# after it does not read the whole layer again: {(id(adata), layer): (ref, totals)}.
+_SCANNED: dict[tuple[int, str | None], tuple[weakref.ref, Totals]] = {}
+
+
+def remember_totals(adata: Any, layer: str | None, totals: Totals) -> None:
+    """Keep the totals of ``adata``'s ``layer`` (``None``: ``X``) while ``adata`` lives."""
     for key in [k for k, (ref, _) in _SCANNED.items() if ref() is None]:
         del _SCANNED[key]
-    _SCANNED[(id(adata), layer)] = (weakref.ref(adata), library)
+    _SCANNED[(id(adata), layer)] = (weakref.ref(adata), totals)
 
 
-def library_of(adata: Any, layer: str | None, store: CountStore, check: bool) -> np.ndarray:
-    """Library sizes of ``store`` (``adata``'s ``layer``), remembered when on disk.
+def totals_of(adata: Any, layer: str | None, store: CountStore, check: bool) -> Totals:
+    """Row and column sums of ``store`` (``adata``'s ``layer``), remembered when on disk.
 
     An on-disk layer already scanned (and so checked) for the same AnnData object is
     not read again.
     """
     if not store.in_memory:
-        ref, library = _SCANNED.get((id(adata), layer), (None, None))
-        if ref is not None and ref() is adata and len(library) == store.n_rows:
-            return library
-    library = store.scan(check=check)
+        ref, totals = _SCANNED.get((id(adata), layer), (None, None))
+        if ref is not None and ref() is adata and len(totals.library) == store.n_rows:
+            return totals
+    totals = store.scan(check=check)
     if not store.in_memory:
-        remember_library(adata, layer, library)
-    return library
+        remember_totals(adata, layer, totals)
+    return totals
 
 
 def obs_columns(adata: Any) -> list[str]:
