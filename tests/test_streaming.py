@@ -124,6 +124,7 @@ def test_rows_come_from_disk_a_bounded_block_at_a_time(make_adata, tmp_path, mon
     monkeypatch.setattr(storage.CountStore, "read_slice", counted)
     monkeypatch.setattr(storage, "SCAN_BLOCK_SIZE", 32)
     monkeypatch.setattr(storage, "_MAX_GAP", 1)  # only consecutive rows share a read
+    monkeypatch.setattr(storage, "_MERGE_BY_ENTRIES", False)
     pybivi.ContrastiveBiVI.setup_anndata(lazy)
     assert 0 < max(reads) <= 32 and sum(reads) == 2 * 200  # one pass per layer
     reads.clear()
@@ -217,3 +218,113 @@ def test_anndata_read_lazy_streams_too(make_adata, tmp_path, fmt):
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def _lazy_layer(path, fmt, chunks):
+    """read_lazy's dask array of the 'spliced' layer, cut into ``chunks`` rows per chunk."""
+    import h5py
+    import zarr
+
+    root = h5py.File(path, "r") if fmt == "h5ad" else zarr.open_group(path, mode="r")
+    return ad.experimental.read_elem_lazy(root["layers"]["spliced"], chunks=(chunks, -1))
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_lazy_layers_are_read_from_their_stored_arrays(make_adata, tmp_path, fmt, monkeypatch):
+    da = pytest.importorskip("dask.array")
+    adata = make_adata(n_cells=300, sparse=True)
+    expected = adata.layers["spliced"]
+    path = _write(adata, tmp_path, fmt)
+    layers = [
+        ad.experimental.read_lazy(path).layers["spliced"],
+        _lazy_layer(path, fmt, chunks=40),
+        storage.open_lazy(path).layers["spliced"],
+    ]
+    stores = [storage.CountStore(layer, "counts") for layer in layers]
+
+    def through_dask(*args, **kwargs):
+        raise AssertionError("rows were read through dask")
+
+    monkeypatch.setattr(da.Array, "compute", through_dask)
+    rows = np.array([299, 0, 5, 5, 150, 151, 7, 42])
+    for store in stores:
+        assert store.reads_through == "arrays"
+        assert (store.read(rows) != expected[rows]).nnz == 0
+        assert (store.read_slice(10, 250) != expected[10:250]).nnz == 0
+        assert store.read_slice(3, 3).shape == (0, adata.n_vars)
+        totals = store.scan(block_size=64)
+        np.testing.assert_array_equal(totals.library, expected.sum(1).A1)
+        np.testing.assert_array_equal(totals.genes, expected.sum(0).A1)
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_other_dask_arrays_are_read_whole_chunks_at_a_time_in_this_thread(
+    make_adata, tmp_path, fmt, monkeypatch
+):
+    pytest.importorskip("dask")
+    import threading
+
+    adata = make_adata(n_cells=300, sparse=True)
+    expected = adata.layers["spliced"][:290]
+    path = _write(adata, tmp_path, fmt)
+    # A subset of read_lazy's array is no longer its stored arrays: dask reads it.
+    store = storage.CountStore(_lazy_layer(path, fmt, chunks=50)[:290], "x")
+    assert store.reads_through == "dask"
+    # Each dask chunk reads its rows from a backed dataset: record which rows, and where.
+    backed = type(storage.open_lazy(path).layers["spliced"])
+    original, reads, threads = backed.__getitem__, [], set()
+
+    def recorded(self, index):
+        threads.add(threading.get_ident())
+        reads.append((index[0].start, index[0].stop))
+        return original(self, index)
+
+    monkeypatch.setattr(backed, "__getitem__", recorded)
+    rows = np.array([120, 3, 7, 40, 121, 289, 3])
+    got = store.read(rows)
+    assert (got != expected[rows]).nnz == 0
+    # each chunk with a wanted row, once, read in this thread (the synchronous scheduler)
+    assert sorted(reads) == [(0, 50), (100, 150), (250, 300)]
+    assert threads == {threading.get_ident()}
+    reads.clear()
+    monkeypatch.setattr(storage, "SCAN_BLOCK_SIZE", 120)  # blocks of 100 rows: 2 chunks
+    totals = store.scan()
+    assert sorted(reads) == [(start, start + 50) for start in range(0, 300, 50)]
+    np.testing.assert_array_equal(totals.library, expected.sum(1).A1)
+
+
+def test_scattered_rows_share_a_read_within_a_compressed_chunk(make_adata, tmp_path, monkeypatch):
+    import h5py
+    import zarr
+    from anndata.io import sparse_dataset, write_elem
+
+    counts = sp.csr_matrix(make_adata(n_cells=400, sparse=True).layers["spliced"])
+    chunk = counts.nnz // 5
+    monkeypatch.setattr(storage, "_MAX_GAP_ENTRIES", 1)
+    # each more than _MAX_GAP rows from the next, some less than a chunk (5 in all) apart
+    rows = np.array([0, 70, 210, 280, 399])
+    starts, stops = counts.indptr[rows], counts.indptr[rows + 1]
+    with h5py.File(tmp_path / "plain.h5", "w") as plain:  # uncompressed
+        write_elem(plain, "m", counts, dataset_kwargs={"chunks": (chunk,)})
+        store = storage.CountStore(sparse_dataset(plain["m"]), "x")
+        assert [len(run) for _, _, run in store._spans(rows)] == [1] * len(rows)
+        assert (store.read(rows) != counts[rows]).nnz == 0
+    packed = zarr.open_group(tmp_path / "packed.zarr", mode="w")  # compressed
+    write_elem(packed, "m", counts, dataset_kwargs={"chunks": (chunk,)})
+    store = storage.CountStore(sparse_dataset(packed["m"]), "x")
+    spans = store._spans(rows)
+    first_of_span = np.cumsum([0] + [len(run) for _, _, run in spans])[1:-1]
+    # two neighbours share a read exactly when less than a chunk of entries lies between
+    apart = starts[1:] - stops[:-1] > chunk
+    np.testing.assert_array_equal(np.flatnonzero(apart) + 1, first_of_span)
+    assert 1 < len(spans) < len(rows)
+    assert (store.read(rows) != counts[rows]).nnz == 0
+    # a run stops growing at _MAX_RUN_ENTRIES (at least two chunks) stored entries
+    monkeypatch.setattr(storage, "_MAX_RUN_ENTRIES", 1)
+    store = storage.CountStore(sparse_dataset(packed["m"]), "x")
+    every = np.arange(400)
+    spans = store._spans(every)
+    assert len(spans) > 1
+    assert all(counts.indptr[stop] - counts.indptr[start] <= 2 * chunk for start, stop, _ in spans)
+    np.testing.assert_array_equal(np.concatenate([run for _, _, run in spans]), every)
+    assert (store.read(every[::-1]) != counts[::-1]).nnz == 0
