@@ -3,9 +3,12 @@
 For each size in ``--sizes`` a screen of that many cells x ``--genes`` genes is built by
 tiling a smaller simulation (``pybivi.datasets.simulate_perturbseq``, ``--base-cells``
 cells) and written chunk by chunk (never all cells in memory) to an ``.h5ad`` file and a
-zarr store in ``--workdir`` (deleted afterwards unless ``--keep``). Each store is then
-opened with :func:`pybivi.storage.open_lazy` in a fresh subprocess, set up, and trained
-for one epoch (or ``--max-steps`` minibatches of 128 cells) with block-shuffled
+zarr store in ``--workdir`` (deleted afterwards unless ``--keep``); with ``--reuse``, stores
+of that name already in ``--workdir`` (``screen_<cells>.h5ad``, ``screen_<cells>.zarr``,
+e.g. kept by an earlier ``--keep`` run, or links to them) are used as they are and never
+deleted. Each store is then opened with :func:`pybivi.storage.open_lazy` (or, with
+``--reader read_lazy``, ``anndata.experimental.read_lazy``) in a fresh subprocess, set
+up, and trained for one epoch (or ``--max-steps`` minibatches of 128 cells) with block-shuffled
 minibatches; the subprocess reports its peak resident memory (``VmHWM``) and the seconds
 per trained cell. The same loop on the smallest size loaded fully in memory (cells
 shuffled one by one) gives the in-memory speed to compare with.
@@ -39,6 +42,31 @@ import docs_output
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK_CELLS = 20_000
 LAYERS = ("unspliced", "spliced")
+
+
+def existing_stores(n_cells: int, genes: int, workdir: Path, formats) -> dict[str, Path] | None:
+    """The stores of ``n_cells`` cells already in ``workdir``, or None if any is missing.
+
+    Raises ``ValueError`` when a store is there but holds another shape (it is left as it
+    is rather than overwritten).
+    """
+    import h5py
+    import zarr
+
+    paths = {fmt: workdir / f"screen_{n_cells}.{fmt}" for fmt in ("h5ad", "zarr")}
+    if not all(paths[fmt].exists() for fmt in formats):
+        return None
+    for fmt in formats:
+        if fmt == "h5ad":
+            with h5py.File(paths[fmt], "r") as root:
+                shapes = [tuple(root["layers"][layer].attrs["shape"]) for layer in LAYERS]
+        else:
+            root = zarr.open_group(paths[fmt], mode="r")
+            shapes = [tuple(root["layers"][layer].attrs["shape"]) for layer in LAYERS]
+        if any(shape != (n_cells, genes) for shape in shapes):
+            raise ValueError(f"{paths[fmt]} holds layers of shape {shapes}, not "
+                             f"({n_cells}, {genes}); move it or leave out --reuse")
+    return paths
 
 
 def build_stores(n_cells: int, base, workdir: Path) -> dict[str, Path]:
@@ -160,6 +188,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/pybivi-scale"))
     parser.add_argument("--keep", action="store_true", help="keep the written stores")
+    parser.add_argument("--reuse", action="store_true",
+                        help="use the stores of each size already in --workdir (and keep "
+                        "them); write only the missing ones")
     parser.add_argument("--formats", nargs="+", default=["h5ad", "zarr"])
     parser.add_argument("--reader", default="lazy", choices=["lazy", "read_lazy"],
                         help="lazy: pybivi.storage.open_lazy; read_lazy: "
@@ -173,21 +204,30 @@ def main() -> None:
     print(f"# ContrastiveBiVI (bursty), batch 128, {steps}, {args.threads} torch thread(s); "
           f"{args.genes} genes tiled from {args.base_cells} simulated cells "
           f"(capture {args.capture})", flush=True)
-    base = simulate_perturbseq(n_cells=args.base_cells, n_genes=args.genes, seed=0,
-                               capture_median=args.capture)
+    base = None  # simulated when a store has to be written
     rows = []
     for i, n_cells in enumerate(sorted(args.sizes)):
         start = time.perf_counter()
-        paths = build_stores(n_cells, base, args.workdir)
-        print(f"wrote {n_cells} cells in {time.perf_counter() - start:.0f} s: "
-              + ", ".join(f"{fmt} {disk_gb(p):.2f} GB" for fmt, p in paths.items()), flush=True)
+        paths = None
+        if args.reuse:
+            paths = existing_stores(n_cells, args.genes, args.workdir, args.formats)
+        reused = paths is not None
+        if not reused:
+            if base is None:
+                base = simulate_perturbseq(n_cells=args.base_cells, n_genes=args.genes, seed=0,
+                                           capture_median=args.capture)
+            paths = build_stores(n_cells, base, args.workdir)
+        print(f"{'reused' if reused else 'wrote'} {n_cells} cells"
+              + ("" if reused else f" in {time.perf_counter() - start:.0f} s") + ": "
+              + ", ".join(f"{fmt} {disk_gb(paths[fmt]):.2f} GB" for fmt in args.formats),
+              flush=True)
         runs = [(fmt, args.reader) for fmt in args.formats]
         runs += [("h5ad", "memory")] if i == 0 else []
         for fmt, reader in runs:
             row = {"format": fmt, **run_one(paths[fmt], reader, args.max_steps, args.threads)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-        if not args.keep:
+        if not args.keep and not reused:
             for path in paths.values():
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     print("\n| cells | store | reader | steps | setup s | read us/cell | train us/cell | peak MB |")
