@@ -11,7 +11,8 @@ deleted. Each store is then opened with :func:`pybivi.storage.open_lazy` (or, wi
 up, and trained for one epoch (or ``--max-steps`` minibatches of 128 cells) with block-shuffled
 minibatches; the subprocess reports its peak resident memory (``VmHWM``) and the seconds
 per trained cell. The same loop on the smallest size loaded fully in memory (cells
-shuffled one by one) gives the in-memory speed to compare with.
+shuffled one by one) gives the in-memory speed to compare with (``--no-memory`` leaves it
+out, e.g. when the smallest size is a million cells).
 
 Training is ``model.train`` (Lightning), one epoch or its first ``--max-steps`` steps (a
 callback stops it), so that a partial epoch can be timed; the time includes the domain check
@@ -192,6 +193,8 @@ def main() -> None:
                         help="use the stores of each size already in --workdir (and keep "
                         "them); write only the missing ones")
     parser.add_argument("--formats", nargs="+", default=["h5ad", "zarr"])
+    parser.add_argument("--no-memory", action="store_true",
+                        help="leave out the in-memory run on the smallest size")
     parser.add_argument("--reader", default="lazy", choices=["lazy", "read_lazy"],
                         help="lazy: pybivi.storage.open_lazy; read_lazy: "
                         "anndata.experimental.read_lazy (needs dask)")
@@ -222,7 +225,7 @@ def main() -> None:
               + ", ".join(f"{fmt} {disk_gb(paths[fmt]):.2f} GB" for fmt in args.formats),
               flush=True)
         runs = [(fmt, args.reader) for fmt in args.formats]
-        runs += [("h5ad", "memory")] if i == 0 else []
+        runs += [("h5ad", "memory")] if i == 0 and not args.no_memory else []
         for fmt, reader in runs:
             row = {"format": fmt, **run_one(paths[fmt], reader, args.max_steps, args.threads)}
             rows.append(row)
