@@ -17,6 +17,7 @@ from pyro import poutine
 
 from pybivi import data as _data
 from pybivi import diagnostics as _diagnostics
+from pybivi import registry as _registry
 from pybivi.models._io import SaveLoadMixin, check_module_cls
 from pybivi.module import ContrastiveModule
 from pybivi.training import evaluate_loss, train_model
@@ -94,7 +95,7 @@ class BaseModel(SaveLoadMixin):
             mismatched counts; an empty cell; a control label that never occurs; no
             control or no perturbed cells; missing categories or NaN covariate values.
         """
-        _data.setup_anndata(
+        _registry.setup_anndata(
             adata,
             perturbation_key=perturbation_key,
             control_labels=control_labels,
@@ -133,7 +134,7 @@ class BaseModel(SaveLoadMixin):
                 f"module_kwargs repeats arguments that the model sets itself: {clash}; pass "
                 "them to the model class instead"
             )
-        registry = _data.make_registry(adata)
+        registry = _registry.make_registry(adata)
         name = type(self).__name__
         if registry.use_nascent != self._use_nascent:
             kind = "bimodal" if registry.use_nascent else "mature-only"
