@@ -112,7 +112,7 @@ LAYERS = [
     ("pybivi.report",),
     ("pybivi.pl",),
     ("pybivi.tl",),
-    ("pybivi.models", "pybivi.posterior", "pybivi._idata"),
+    ("pybivi.models", "pybivi.posterior", "pybivi._draws", "pybivi._idata"),
     ("pybivi.training", "pybivi.training_plan", "pybivi.training_data"),
     ("pybivi.module", "pybivi.diagnostics", "pybivi.nn", "pybivi.data", "pybivi.registry",
      "pybivi.storage", "pybivi._covariates"),

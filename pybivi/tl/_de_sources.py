@@ -125,7 +125,7 @@ class Sampler:
                 else:
                     out[n] = _idata_samples(self.source, n, mask)
             return out
-        from pybivi.posterior import pooled_samples
+        from pybivi._draws import pooled_samples
 
         return pooled_samples(
             self.source,

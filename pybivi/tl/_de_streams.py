@@ -194,7 +194,7 @@ def _model_draw_chunks(
     seed: int,
     transform_batch: Any = None,
 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-    from pybivi.posterior import iter_draws
+    from pybivi._draws import iter_draws
 
     for batch, draws in iter_draws(
         model,
