@@ -115,7 +115,7 @@ LAYERS = [
     ("pybivi.models", "pybivi.posterior", "pybivi._draws", "pybivi._idata"),
     ("pybivi.training", "pybivi.training_plan", "pybivi.training_data"),
     ("pybivi.module", "pybivi.diagnostics", "pybivi.nn", "pybivi.data", "pybivi.registry",
-     "pybivi.storage", "pybivi._covariates"),
+     "pybivi.storage", "pybivi._covariates", "pybivi._covariate_injection"),
     ("pybivi.distributions",),
     ("pybivi.schemes", "pybivi.datasets", "pybivi.pp"),
     ("pybivi.cme", "pybivi._allocator"),
