@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from pybivi.tl._de_sources import (
@@ -26,6 +25,7 @@ from pybivi.tl._de_sources import (
     is_idata,
     mature_group_means,
 )
+from pybivi.tl._de_streams import DecodeSettings
 from pybivi.tl._de_weights import thin_masks
 from pybivi.tl.bayes_factors import (
     change_bayes_factors,
@@ -52,18 +52,20 @@ def kinetic_pairs(
     normalize: str | None,
     batch_size: int,
     seed: int,
-    cell_weights: np.ndarray | None = None,
-    transform_batch: Any = None,
+    decode: DecodeSettings,
 ) -> pd.DataFrame:
     """biVI's pooled-pairs kinetic test, :func:`pybivi.tl.de.kinetic` with ``method="pairs"``.
 
-    ``cell_weights`` (one per cell or ``None``) keeps each cell with probability equal
-    to its weight; see :func:`pybivi.tl.de.kinetic` for the other arguments.
+    Each cell is kept with probability equal to its weight in ``decode.cell_weights``
+    (all cells for ``None``) and decoded at ``decode.transform_batch``; see
+    :func:`pybivi.tl.de.kinetic` for the other arguments.
     """
-    sampler = Sampler(model_or_idata, groupby, n_samples, seed, batch_size, transform_batch)
+    sampler = Sampler(
+        model_or_idata, groupby, n_samples, seed, batch_size, decode.transform_batch
+    )
     names = tuple(params) if params is not None else default_kinetic_params(model_or_idata)
     ref_mask, masks = group_masks(sampler.labels, sampler.is_control, group, reference, groupby)
-    ref_mask, masks = thin_masks(ref_mask, masks, cell_weights, seed)
+    ref_mask, masks = thin_masks(ref_mask, masks, decode.cell_weights, seed)
     ref_samples = sampler(ref_mask, names, salt=0)
     profiles = {}
     if normalize == "median_ratio":
@@ -107,17 +109,19 @@ def mean_pairs(
     threshold_counts: float,
     batch_size: int,
     seed: int,
-    cell_weights: np.ndarray | None = None,
-    transform_batch: Any = None,
+    decode: DecodeSettings,
 ) -> pd.DataFrame:
     """scvi-tools' ``change`` mode, :func:`pybivi.tl.de.mean` with ``method="pairs"``.
 
-    ``cell_weights`` (one per cell or ``None``) keeps each cell with probability equal
-    to its weight; see :func:`pybivi.tl.de.mean` for the other arguments.
+    Each cell is kept with probability equal to its weight in ``decode.cell_weights``
+    (all cells for ``None``) and decoded at ``decode.transform_batch``; see
+    :func:`pybivi.tl.de.mean` for the other arguments.
     """
-    sampler = Sampler(model_or_idata, groupby, n_samples, seed, batch_size, transform_batch)
+    sampler = Sampler(
+        model_or_idata, groupby, n_samples, seed, batch_size, decode.transform_batch
+    )
     ref_mask, masks = group_masks(sampler.labels, sampler.is_control, group, reference, groupby)
-    ref_mask, masks = thin_masks(ref_mask, masks, cell_weights, seed)
+    ref_mask, masks = thin_masks(ref_mask, masks, decode.cell_weights, seed)
     ref_scales = sampler(ref_mask, ["rho_mature"], salt=0)["rho_mature"]
     observed = None
     if pseudocounts is None and not is_idata(model_or_idata):

@@ -5,10 +5,12 @@ that give each species' mean normalised expression and its sampling (co)variance
 :func:`group_log2_draws` does the same with the model's posterior draws of decoded
 quantities. A cell may belong to several sets (a group, the reference, and the
 control-versus-control splits of :func:`null_splits`); memory holds per-set sums only.
+:class:`DecodeSettings` says which cells count and at which batch they are decoded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -16,10 +18,37 @@ import numpy as np
 
 from pybivi.tl._de_sources import is_idata
 
-__all__ = ["AGGREGATIONS", "null_splits", "pseudobulk_moments", "group_log2_draws"]
+__all__ = [
+    "AGGREGATIONS",
+    "DecodeSettings",
+    "null_splits",
+    "pseudobulk_moments",
+    "group_log2_draws",
+]
 
 AGGREGATIONS = ("pseudobulk", "log_mean")
 SPECIES = ("nascent", "mature")
+
+
+# eq=False: the weights are an array, which has no single truth value to compare by.
+@dataclasses.dataclass(frozen=True, eq=False)
+class DecodeSettings:
+    """Which cells count and where they are decoded: what every differential test passes on.
+
+    Attributes
+    ----------
+    cell_weights
+        Weight of every cell (row of the model's AnnData, or cell position of an
+        InferenceData), or ``None`` for all cells alike: group means are weighted, and a
+        cell of weight 0 leaves the test (see :mod:`pybivi.tl._de_weights`).
+    transform_batch
+        Models set up with ``batch_key``: the batch (or a list of them, averaged) every
+        cell is decoded at (:func:`pybivi.posterior.iter_draws`); ``None``: each cell at
+        its own batch.
+    """
+
+    cell_weights: np.ndarray | None = None
+    transform_batch: Any = None
 
 
 def null_splits(
@@ -192,7 +221,7 @@ def _model_draw_chunks(
     n_draws: int,
     batch_size: int,
     seed: int,
-    transform_batch: Any = None,
+    decode: DecodeSettings,
 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     from pybivi._draws import iter_draws
 
@@ -204,7 +233,7 @@ def _model_draw_chunks(
         libraries=("reference",),
         batch_size=batch_size,
         seed=seed,
-        transform_batch=transform_batch,
+        transform_batch=decode.transform_batch,
     ):
         values = {q: draws["reference"][q].double().cpu().numpy() for q in names}
         yield batch["index"].cpu().numpy(), values
@@ -239,8 +268,7 @@ def group_log2_draws(
     n_draws: int = 100,
     batch_size: int = 256,
     seed: int = 0,
-    weights: np.ndarray | None = None,
-    transform_batch: Any = None,
+    decode: DecodeSettings | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Posterior draws of each set's population-level log2 values of ``quantities``.
 
@@ -261,11 +289,9 @@ def group_log2_draws(
         ``"pseudobulk"`` or ``"log_mean"``.
     n_draws, batch_size, seed
         Draws per cell (model source), cells per chunk, seed of the draws.
-    weights
-        Optional weight of every row: the means over a set's cells are weighted.
-    transform_batch
-        Model source set up with ``batch_key``: the batch (or list, averaged) to decode
-        at (:func:`pybivi.posterior.iter_draws`); ``None``: each cell's own batch.
+    decode
+        The cells' weights (the means over a set's cells are weighted) and, for a model
+        source, the batch to decode at; ``None``: all cells alike, each at its own batch.
 
     Returns
     -------
@@ -276,20 +302,20 @@ def group_log2_draws(
         raise ValueError(f"aggregate must be one of {AGGREGATIONS}, not {aggregate!r}")
     if n_draws < 2:
         raise ValueError(f"n_draws must be >= 2 to describe a posterior, got {n_draws}")
+    decode = DecodeSettings() if decode is None else decode
     rows, members, position = _membership(sets)
     if is_idata(source):
-        if transform_batch is not None:
+        if decode.transform_batch is not None:
             raise ValueError(
                 "transform_batch needs a model; an InferenceData holds the batch it was "
                 "exported at (model.posterior(transform_batch=...))"
             )
         chunks = _idata_draw_chunks(source, rows, quantities, batch_size)
     else:
-        chunks = _model_draw_chunks(
-            source, rows, quantities, n_draws, batch_size, seed, transform_batch
-        )
+        chunks = _model_draw_chunks(source, rows, quantities, n_draws, batch_size, seed, decode)
     counts: dict[str, float] = {}
     sums: dict[str, dict[str, np.ndarray]] = {k: {} for k in members}
+    weights = decode.cell_weights
     for chunk_rows, values in chunks:
         pos = position[chunk_rows]
         cell_w = None if weights is None else np.asarray(weights, np.float64)[chunk_rows]

@@ -37,6 +37,7 @@ import pandas as pd
 
 from pybivi.tl._de_group import GROUP_DELTA, group_test
 from pybivi.tl._de_pairs import kinetic_pairs, mean_pairs
+from pybivi.tl._de_streams import DecodeSettings
 from pybivi.tl._de_summary import call_counts, overlap_table
 from pybivi.tl._de_weights import cell_weights_for
 
@@ -232,14 +233,14 @@ def kinetic(
         raise ValueError(f"method must be 'group' or 'pairs', not {method!r}")
     if normalize not in (None, "median_ratio"):
         raise ValueError(f"normalize must be None or 'median_ratio', not {normalize!r}")
-    cell_weights = cell_weights_for(model_or_idata, groupby, weights, responders)
+    cells = cell_weights_for(model_or_idata, groupby, weights, responders)
+    decode = DecodeSettings(cell_weights=cells, transform_batch=transform_batch)
     if method == "pairs":
         return kinetic_pairs(
             model_or_idata, groupby, group, reference, params=params,
             delta=1.0 if delta is None else delta, bf_threshold=bf_threshold,
             n_pairs=n_pairs, n_samples=n_samples, normalize=normalize,
-            batch_size=batch_size, seed=seed, cell_weights=cell_weights,
-            transform_batch=transform_batch,
+            batch_size=batch_size, seed=seed, decode=decode,
         )  # fmt: skip
     return group_test(
         model_or_idata, groupby, group, reference, kind="kinetic", params=params,
@@ -247,8 +248,7 @@ def kinetic(
         fdr_target=fdr_target, shrink=shrink, aggregate=aggregate, n_draws=n_draws,
         n_posterior=n_posterior, null_repeats=null_repeats, credible_mass=credible_mass,
         bf_threshold=bf_threshold, normalize=normalize, batch_size=batch_size, seed=seed,
-        cell_weights=cell_weights,
-        transform_batch=transform_batch,
+        decode=decode,
     )  # fmt: skip
 
 
@@ -340,22 +340,21 @@ def mean(
     """
     if method not in ("group", "pairs"):
         raise ValueError(f"method must be 'group' or 'pairs', not {method!r}")
-    cell_weights = cell_weights_for(model_or_idata, groupby, weights, responders)
+    cells = cell_weights_for(model_or_idata, groupby, weights, responders)
+    decode = DecodeSettings(cell_weights=cells, transform_batch=transform_batch)
     if method == "group":
         return group_test(
             model_or_idata, groupby, group, reference, kind="mean", estimate=estimate,
             delta=GROUP_DELTA if delta is None else delta, fdr_target=fdr_target,
             shrink=shrink, n_draws=n_draws, n_posterior=n_posterior,
             null_repeats=null_repeats, credible_mass=credible_mass,
-            bf_threshold=bf_threshold, batch_size=batch_size, seed=seed,
-            cell_weights=cell_weights,
-            transform_batch=transform_batch,
+            bf_threshold=bf_threshold, batch_size=batch_size, seed=seed, decode=decode,
         )  # fmt: skip
     return mean_pairs(
         model_or_idata, groupby, group, reference, delta=0.2 if delta is None else delta,
         bf_threshold=bf_threshold, n_samples=n_samples, n_pairs=n_pairs,
         pseudocounts=pseudocounts, threshold_counts=threshold_counts, batch_size=batch_size,
-        seed=seed, cell_weights=cell_weights, transform_batch=transform_batch,
+        seed=seed, decode=decode,
     )  # fmt: skip
 
 
