@@ -3,16 +3,17 @@
 The default of :func:`pybivi.tl.de.kinetic` and an option of :func:`pybivi.tl.de.mean`. For each
 group of cells and the reference:
 
-1. **Population-level values.** Each species' mean normalised expression over the
-   group's cells at the reference library (its pseudo-bulk), mapped through the reaction
-   scheme's kinetic map (bursty: ``b = mu_N / theta``, ``gamma/k = b / mu_M``), on the
-   log2 scale. ``estimate="observed"`` takes the means of the observed counts, each cell
-   scaled to the reference library; ``estimate="decoded"`` takes them from the model's
-   posterior draws (each draw's mean over the cells of the decoded means, see
-   :func:`group_log2_draws`).
-2. **Uncertainty.** The sampling variance of the group's means, from the spread of its
-   cells' normalised counts (delta method, covariance of the two species included); for
-   ``"decoded"`` the variance of the posterior draws is added.
+1. **Population-level values.** Each species' normalised expression of the group at the
+   reference library (its pseudo-bulk), mapped through the reaction scheme's kinetic map
+   (bursty: ``b = mu_N / theta``, ``gamma/k = b / mu_M``), on the log2 scale.
+   ``estimate="observed"`` takes the observed counts: the species' summed counts over its
+   summed library sizes, times the reference library; ``estimate="decoded"`` takes them
+   from the model's posterior draws (each draw's mean over the cells of the decoded means,
+   see :func:`group_log2_draws`).
+2. **Uncertainty.** The sampling variance of the group's pseudo-bulks, from the spread of
+   its cells' counts (linearisation variance of the ratio, then the delta method,
+   covariance of the two species included); for ``"decoded"`` the variance of the
+   posterior draws is added.
 3. **Shrinkage.** The log2 fold changes of all genes of a comparison share an
    empirical-Bayes prior, a point mass at 0 and normals (Stephens' ``ash``,
    :func:`~pybivi.tl.bayes_factors.shrink_lfc`), so that posterior probabilities are
