@@ -68,24 +68,13 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from pybivi._covariate_injection import CovariateInjection
+from pybivi._responders import ResponderMixture, responder_escaper_mixture
 from pybivi.nn import FrequencyDecoder, GaussianEncoder
 
 LIKELIHOODS = ("cme", "nb", "zinb")
 SALIENT_PRIORS = ("label", "standard", "mixture")
-
-
-def _responder_escaper_mixture(loc: Tensor, responder_logit: Tensor) -> dist.Distribution:
-    """``w Normal(loc, I) + (1 - w) Normal(0, I)`` per cell, ``w = sigmoid(responder_logit)``."""
-    # Component 0 responds, component 1 escapes; log w and log(1 - w) stay finite.
-    mixing = dist.Categorical(
-        logits=torch.stack([F.logsigmoid(responder_logit), F.logsigmoid(-responder_logit)], -1)
-    )
-    locs = torch.stack([loc, torch.zeros_like(loc)], dim=-2)
-    components = dist.Normal(locs, torch.ones_like(locs)).to_event(1)
-    return dist.MixtureSameFamily(mixing, components, validate_args=False)
 
 
 def _library(library: Tensor | float, like: Tensor) -> Tensor:
@@ -94,7 +83,7 @@ def _library(library: Tensor | float, like: Tensor) -> Tensor:
     return library.unsqueeze(-1) if library.dim() > 0 else library
 
 
-class ContrastiveModule(CovariateInjection, nn.Module):
+class ContrastiveModule(CovariateInjection, ResponderMixture, nn.Module):
     """Pyro model and guide shared by ContrastiveBiVI, biVI, scVI and contrastiveVI.
 
     Parameters
@@ -283,30 +272,8 @@ class ContrastiveModule(CovariateInjection, nn.Module):
         label = self._salient_label(batch)
         loc = self.salient_means[label]
         if self.salient_prior_kind == "mixture":
-            return _responder_escaper_mixture(loc, self.responder_logits[label])
+            return responder_escaper_mixture(loc, self.responder_logits[label])
         return dist.Normal(loc, torch.ones_like(loc)).to_event(1)
-
-    def responder_probability(self, t: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        """Posterior probability that ``t`` came from the responder component (mixture prior).
-
-        ``w_c N(t; mu_c, I) / (w_c N(t; mu_c, I) + (1 - w_c) N(t; 0, I))`` per cell, for
-        ``t`` of shape ``(..., B, n_salient)``; controls get 0 (they are not perturbed).
-
-        Raises
-        ------
-        ValueError
-            The module was not built with ``salient_prior="mixture"``.
-        """
-        if self.salient_prior_kind != "mixture" or not self.n_salient:
-            raise ValueError(
-                "responder probabilities need a model built with salient_prior='mixture'"
-            )
-        label = self._salient_label(batch)
-        loc, logit = self.salient_means[label], self.responder_logits[label]
-        # log N(t; mu, I) - log N(t; 0, I) = mu.t - |mu|^2 / 2 (the normalisers cancel).
-        log_ratio = (t * loc).sum(-1) - 0.5 * (loc * loc).sum(-1)
-        prob = torch.sigmoid(logit + log_ratio)
-        return torch.where(batch["is_control"], torch.zeros_like(prob), prob)
 
     def likelihood_dist(self, decoded: dict[str, Tensor]) -> dist.Distribution:
         """Law of one cell's counts given the decoder output (event over genes)."""
