@@ -33,7 +33,7 @@ import torch
 
 import pybivi
 from pybivi import datasets, pp
-from pybivi.datasets._simulation import batch_design, resolve_batch_effect
+from pybivi.datasets._batches_escapers import batch_design, resolve_batch_effect
 from pybivi.tl import metrics
 
 

@@ -1,6 +1,6 @@
 """Per-cell covariates of an AnnData: validation and codes (batch, categorical, continuous).
 
-:func:`pybivi.data.setup_anndata` registers the columns; :func:`covariate_arrays` turns
+:func:`pybivi.registry.setup_anndata` registers the columns; :func:`covariate_arrays` turns
 an AnnData's columns into the integer codes and values that minibatches carry, with a
 clear error for a missing column, a missing value, a NaN or a category the model was not
 set up with.
@@ -74,7 +74,7 @@ def continuous_column(adata: Any, key: str) -> np.ndarray:
 
 def covariate_arrays(adata: Any, registry: Any) -> dict[str, np.ndarray]:
     """Per-cell covariate codes of ``adata`` under ``registry`` (a
-    :class:`pybivi.data.Registry`): the arrays of the minibatch dictionaries.
+    :class:`pybivi.registry.Registry`): the arrays of the minibatch dictionaries.
 
     Returns ``{"batch_index": (n,), "categorical_covariates": (n, K),
     "continuous_covariates": (n, C)}``, each only when registered.

@@ -1,7 +1,7 @@
 """Assembly of posterior draws into an :class:`arviz.InferenceData` (groups, dims, coords).
 
-Private to :mod:`pybivi.posterior`, which draws; this module only collects, names and
-shapes.
+Private to :mod:`pybivi.posterior`, whose export fills it with the draws of
+``pybivi._draws``; this module only collects, names and shapes.
 """
 
 from __future__ import annotations

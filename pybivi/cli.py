@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     actions = appr.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
-    # Options belong to pybivi.cme.training.main, which parses them (and prints --help).
+    # Options belong to pybivi.cme.training_cli.main, which parses them (and prints --help).
     train = actions.add_parser(
         "train", add_help=False,
         help="regenerate the weights from exact CME solutions (options: train --help)",
@@ -226,9 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_approximator_train(args: argparse.Namespace) -> int:
-    from pybivi.cme import training
+    from pybivi.cme import training_cli
 
-    return int(training.main(args.extra) or 0)
+    return int(training_cli.main(args.extra) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -68,23 +68,13 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from torch import Tensor, nn
-from torch.nn import functional as F
 
+from pybivi._covariate_injection import CovariateInjection
+from pybivi._responders import ResponderMixture, responder_escaper_mixture
 from pybivi.nn import FrequencyDecoder, GaussianEncoder
 
 LIKELIHOODS = ("cme", "nb", "zinb")
 SALIENT_PRIORS = ("label", "standard", "mixture")
-
-
-def _responder_escaper_mixture(loc: Tensor, responder_logit: Tensor) -> dist.Distribution:
-    """``w Normal(loc, I) + (1 - w) Normal(0, I)`` per cell, ``w = sigmoid(responder_logit)``."""
-    # Component 0 responds, component 1 escapes; log w and log(1 - w) stay finite.
-    mixing = dist.Categorical(
-        logits=torch.stack([F.logsigmoid(responder_logit), F.logsigmoid(-responder_logit)], -1)
-    )
-    locs = torch.stack([loc, torch.zeros_like(loc)], dim=-2)
-    components = dist.Normal(locs, torch.ones_like(locs)).to_event(1)
-    return dist.MixtureSameFamily(mixing, components, validate_args=False)
 
 
 def _library(library: Tensor | float, like: Tensor) -> Tensor:
@@ -93,7 +83,7 @@ def _library(library: Tensor | float, like: Tensor) -> Tensor:
     return library.unsqueeze(-1) if library.dim() > 0 else library
 
 
-class ContrastiveModule(nn.Module):
+class ContrastiveModule(CovariateInjection, ResponderMixture, nn.Module):
     """Pyro model and guide shared by ContrastiveBiVI, biVI, scVI and contrastiveVI.
 
     Parameters
@@ -133,10 +123,9 @@ class ContrastiveModule(nn.Module):
 
     Notes
     -----
-    Covariates are injected as in scVI (Lopez et al. 2018, Nat. Methods 15:1053): their
-    vector is concatenated to the input of both encoders and to the decoder's latent
-    input, so the latents need not carry them and the decoder can be asked for any
-    batch. Without covariates the networks are exactly those of the paper.
+    Covariates are injected as in scVI (:class:`~pybivi._covariate_injection.CovariateInjection`:
+    ``n_covariates``, ``covariates``). Without covariates the networks are exactly those
+    of the paper.
     """
 
     def __init__(
@@ -177,14 +166,10 @@ class ContrastiveModule(nn.Module):
             self.scheme = schemes.get(scheme) if isinstance(scheme, str) else scheme
         self.species = ("nascent", "mature") if likelihood == "cme" else ("mature",)
         n_input = n_genes * len(self.species)
-        self.n_batch, self.n_continuous_covariates = int(n_batch), int(n_continuous_covariates)
-        self.n_cats_per_covariate = tuple(int(n) for n in n_cats_per_covariate)
-        if self.n_batch < 0 or self.n_continuous_covariates < 0 or any(
-            n < 1 for n in self.n_cats_per_covariate
-        ):
-            raise ValueError("covariate sizes must be >= 0 (>= 1 category per covariate)")
+        self.init_covariates(
+            n_batch, n_cats_per_covariate, n_continuous_covariates, encode_covariates
+        )
         n_cov = self.n_covariates
-        self.encode_covariates = bool(encode_covariates)
         n_enc_cov = n_cov if self.encode_covariates else 0
         self.z_encoder = GaussianEncoder(n_input, n_background, n_hidden, dropout, n_enc_cov)
         self.t_encoder = (
@@ -221,35 +206,6 @@ class ContrastiveModule(nn.Module):
         """Per-gene positive shape ``theta`` (``1 / beta`` for the bursty scheme)."""
         return self.log_theta.exp()
 
-    @property
-    def n_covariates(self) -> int:
-        """Width of the covariate vector the networks read (0 without covariates)."""
-        return self.n_batch + sum(self.n_cats_per_covariate) + self.n_continuous_covariates
-
-    def covariates(self, batch: dict[str, Tensor], for_decoder: bool = False) -> Tensor | None:
-        """One-hot batch, one-hot categorical covariates and continuous covariates,
-        ``(B, n_covariates)``; ``None`` without covariates.
-
-        With ``for_decoder``, ``batch["decode_batch_index"]`` (when present) replaces
-        the observed batch: decoding as if the cells came from that batch.
-        """
-        if not self.n_covariates:
-            return None
-        like = batch["x_mature"]
-        parts = []
-        if self.n_batch:
-            index = batch["batch_index"]
-            if for_decoder and "decode_batch_index" in batch:
-                index = torch.as_tensor(batch["decode_batch_index"], device=like.device)
-                index = index.expand(like.shape[0])
-            parts.append(nn.functional.one_hot(index.long(), self.n_batch).to(like.dtype))
-        for j, n in enumerate(self.n_cats_per_covariate):
-            codes = batch["categorical_covariates"][:, j].long()
-            parts.append(nn.functional.one_hot(codes, n).to(like.dtype))
-        if self.n_continuous_covariates:
-            parts.append(batch["continuous_covariates"].to(like.dtype))
-        return torch.cat(parts, dim=-1)
-
     def encoder_input(self, batch: dict[str, Tensor]) -> Tensor:
         """The counts the encoders read: nascent and mature side by side, or mature only."""
         return torch.cat([batch[f"x_{s}"] for s in self.species], dim=-1)
@@ -257,9 +213,7 @@ class ContrastiveModule(nn.Module):
     def encode(self, batch: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
         """Variational parameters ``{"z": (loc, scale), "t": (loc, scale)}``."""
         counts = self.encoder_input(batch)
-        # Only a module with covariates passes them, so a user's encoder keeps its signature.
-        encoded = self.n_covariates and self.encode_covariates
-        extra = {"covariates": self.covariates(batch)} if encoded else {}
+        extra = self.encoder_covariates(batch)
         out = {"z": self.z_encoder(counts, **extra)}
         if self.t_encoder is not None:
             out["t"] = self.t_encoder(counts, **extra)
@@ -318,30 +272,8 @@ class ContrastiveModule(nn.Module):
         label = self._salient_label(batch)
         loc = self.salient_means[label]
         if self.salient_prior_kind == "mixture":
-            return _responder_escaper_mixture(loc, self.responder_logits[label])
+            return responder_escaper_mixture(loc, self.responder_logits[label])
         return dist.Normal(loc, torch.ones_like(loc)).to_event(1)
-
-    def responder_probability(self, t: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        """Posterior probability that ``t`` came from the responder component (mixture prior).
-
-        ``w_c N(t; mu_c, I) / (w_c N(t; mu_c, I) + (1 - w_c) N(t; 0, I))`` per cell, for
-        ``t`` of shape ``(..., B, n_salient)``; controls get 0 (they are not perturbed).
-
-        Raises
-        ------
-        ValueError
-            The module was not built with ``salient_prior="mixture"``.
-        """
-        if self.salient_prior_kind != "mixture" or not self.n_salient:
-            raise ValueError(
-                "responder probabilities need a model built with salient_prior='mixture'"
-            )
-        label = self._salient_label(batch)
-        loc, logit = self.salient_means[label], self.responder_logits[label]
-        # log N(t; mu, I) - log N(t; 0, I) = mu.t - |mu|^2 / 2 (the normalisers cancel).
-        log_ratio = (t * loc).sum(-1) - 0.5 * (loc * loc).sum(-1)
-        prob = torch.sigmoid(logit + log_ratio)
-        return torch.where(batch["is_control"], torch.zeros_like(prob), prob)
 
     def likelihood_dist(self, decoded: dict[str, Tensor]) -> dist.Distribution:
         """Law of one cell's counts given the decoder output (event over genes)."""
@@ -416,8 +348,7 @@ class ContrastiveModule(nn.Module):
                     # mass), whatever was drawn; torch.where also blocks their gradient to q(t).
                     t = torch.where(control.unsqueeze(-1), torch.zeros_like(t), t)
                     pyro.deterministic("salient", t, event_dim=1)
-            # Only a module with covariates passes them, so a user's decode keeps its signature.
-            extra = {"covariates": self.covariates(batch, True)} if self.n_covariates else {}
+            extra = self.decoder_covariates(batch)
             decoded = self.decode(
                 z, t, batch.get("library_nascent"), batch["library_mature"], **extra
             )

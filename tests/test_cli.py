@@ -147,6 +147,26 @@ def test_report_sections_add_replace_reopen(tmp_path):
         Report.open(tmp_path / "empty")
 
 
+def test_bar_charts_lay_out_their_bars(tmp_path):
+    table = pd.DataFrame({"model": ["A", "A", "B", "B"], "seed": [0, 1, 0, 1],
+                          "ari": [0.2, 0.4, 0.6, 0.8]})
+    fig = pl.metric_bars(table, "ari", tmp_path / "m.png", order=["B", "A"], labels={"A": "a"})
+    ax = fig.axes[0]
+    bars = ax.patches
+    assert [b.get_height() for b in bars] == pytest.approx([0.7, 0.3])
+    assert [b.get_x() + b.get_width() / 2 for b in bars] == pytest.approx([0.0, 1.0])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["B", "a"]
+    assert ax.get_legend() is None and (tmp_path / "m.png").exists()
+    purity = pd.DataFrame({"model": ["A", "B", "A", "B"], "program": ["p1", "p1", "p2", "p2"],
+                           "purity": [0.1, 0.2, 0.3, 0.4]})
+    ax = pl.purity_bars(purity, order=["B", "A"], kinds={"p1": "mixed"}).axes[0]
+    centres = [b.get_x() + b.get_width() / 2 for b in ax.patches]
+    assert centres == pytest.approx([-0.2, 0.8, 0.2, 1.2])  # model B's bars, then A's
+    assert [b.get_height() for b in ax.patches] == pytest.approx([0.2, 0.4, 0.1, 0.3])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["p1\n(mixed)", "p2"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["B", "A"]
+
+
 def test_embed_pca_recovers_the_dominant_axis():
     rng = np.random.default_rng(0)
     x = np.column_stack([rng.normal(scale=10, size=200), rng.normal(size=(200, 4))])

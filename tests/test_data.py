@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from pybivi import data
+from pybivi import data, registry
 
 
 def test_registry_and_batches_match_the_counts(make_adata):
@@ -90,7 +90,7 @@ def test_setup_needs_control_and_perturbed_cells(make_adata):
 
 def test_mismatched_shapes_are_reported():
     with pytest.raises(ValueError, match="shape"):
-        data._check_counts(np.ones((3, 4)), "mature counts", (3, 5))
+        registry._check_counts(np.ones((3, 4)), "mature counts", (3, 5))
 
 
 def test_mature_only_setup_ignores_a_missing_nascent_layer(make_adata):

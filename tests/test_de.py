@@ -314,3 +314,14 @@ def test_figure3_section(bursty_and_scvi, sim):
     assert "null call rate" in out["text"].lower() and "FDR" in out["text"]
     paper = report.figure3(cbivi, scvi=scvi, truth=sim, n_samples=300, method="pairs")
     assert "mean (SCVI)" in paper["counts"].columns and "BF > 3" in paper["text"]
+
+
+def test_kinetic_and_mean_share_their_parameter_texts():
+    """The weights/responders and transform_batch texts are written once, for both tests."""
+    assert de.__all__ == ["kinetic", "mean", "group_test", "GROUP_DELTA", "call_counts",
+                          "overlap_table"]
+    for name in ("weights, responders\n", "transform_batch\n"):
+        texts = [doc[doc.index(name):].split("\n    batch_size")[0].split("\n\n")[0]
+                 for doc in (de.kinetic.__doc__, de.mean.__doc__)]
+        assert texts[0] == texts[1] and len(texts[0].splitlines()) > 3
+    assert "{" not in de.kinetic.__doc__ and "{" not in de.mean.__doc__

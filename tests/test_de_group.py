@@ -11,7 +11,7 @@ import pytest
 from scipy.stats import norm
 
 from pybivi.tl import de
-from pybivi.tl._de_streams import group_log2_draws, pseudobulk_moments
+from pybivi.tl._de_streams import SPECIES, group_log2_draws, pseudobulk_moments
 from pybivi.tl.bayes_factors import fdr_calls, shrink_lfc, three_way_test
 
 
@@ -145,26 +145,46 @@ def _planted_idata(rng, b_log2, gamma_log2, n_ref=600, n_group=300, n_genes=200)
     return az.InferenceData(posterior=post, constant_data=const, observed_data=observed)
 
 
-def test_pseudobulk_moments_are_the_normalised_means_and_their_sampling_variance():
+@pytest.mark.parametrize("library_weighted", [True, False])
+def test_pseudobulk_moments_are_the_normalised_means_and_their_sampling_variance(
+    library_weighted,
+):
     rng = np.random.default_rng(5)
     idata = _planted_idata(rng, np.zeros(50), np.zeros(50), n_ref=6000, n_group=10, n_genes=50)
     x = idata.observed_data["x"].values.astype(float)
     const = idata.constant_data
     sets = {f"r{i}": np.arange(i * 200, (i + 1) * 200) for i in range(30)}
-    moments = pseudobulk_moments(idata, sets, batch_size=64)
-    scale = {
-        s: float(const[f"reference_library_{s}"]) / const[f"library_{s}"].values
-        for s in ("nascent", "mature")
-    }
-    y = {s: x[..., i] * scale[s][:, None] for i, s in enumerate(("nascent", "mature"))}
-    np.testing.assert_allclose(moments["r3"]["mean_nascent"], y["nascent"][600:800].mean(0))
-    np.testing.assert_allclose(moments["r3"]["mean_mature"], y["mature"][600:800].mean(0))
-    # Delta-method variance of log(mean) against the spread over the ten disjoint sets.
-    logs = np.array([np.log(moments[k]["mean_nascent"]) for k in sets])
-    predicted = np.mean([moments[k]["var_log_nascent"] for k in sets], axis=0)
-    expressed = y["nascent"].mean(0) > 0.2
-    ratio = np.median(logs.var(0, ddof=1)[expressed] / predicted[expressed])
-    assert 0.8 < ratio < 1.2
+    moments = pseudobulk_moments(idata, sets, batch_size=64, library_weighted=library_weighted)
+    for i, s in enumerate(("nascent", "mature")):
+        ref, lib = float(const[f"reference_library_{s}"]), const[f"library_{s}"].values
+        counts, sizes = x[600:800, :, i], lib[600:800]
+        expected = (
+            counts.sum(0) / sizes.sum() * ref  # summed counts over summed libraries
+            if library_weighted
+            else (counts / sizes[:, None] * ref).mean(0)  # mean of the normalised counts
+        )
+        np.testing.assert_allclose(moments["r3"][f"mean_{s}"], expected)
+    # The variances of the logs against their spread over the thirty disjoint sets.
+    logs = {s: np.array([np.log(moments[k][f"mean_{s}"]) for k in sets]) for s in SPECIES}
+    expressed = np.all([logs[s].mean(0) > np.log(0.2) for s in SPECIES], axis=0)
+    for s in SPECIES:
+        predicted = np.mean([moments[k][f"var_log_{s}"] for k in sets], axis=0)
+        ratio = np.median(logs[s].var(0, ddof=1)[expressed] / predicted[expressed])
+        assert 0.8 < ratio < 1.2
+
+
+def test_summed_pseudobulk_is_the_more_precise_for_poisson_counts():
+    """With unequal libraries and Poisson-like counts, summed counts over summed libraries
+    (the maximum-likelihood mean) vary less than the mean of the cells' ratios."""
+    rng = np.random.default_rng(7)
+    idata = _planted_idata(rng, np.zeros(40), np.zeros(40), n_ref=4000, n_group=10, n_genes=40)
+    sets = {f"r{i}": np.arange(i * 200, (i + 1) * 200) for i in range(20)}
+    spread = {}
+    for weighted in (True, False):
+        moments = pseudobulk_moments(idata, sets, batch_size=128, library_weighted=weighted)
+        logs = np.array([np.log(moments[k]["mean_nascent"]) for k in sets])
+        spread[weighted] = np.median(logs.var(0, ddof=1))
+    assert spread[True] < spread[False]
 
 
 def test_group_test_finds_planted_kinetic_changes_and_only_them():

@@ -8,5 +8,5 @@ from pybivi.cme.exact import analytic_moments as analytic_moments
 from pybivi.cme.exact import exact_pmf as exact_pmf
 from pybivi.cme.exact import exact_pmf_many as exact_pmf_many
 from pybivi.cme.exact import suggest_grid as suggest_grid
-from pybivi.cme.training import main as approximator_main  # noqa: F401
 from pybivi.cme.training import train_approximator as train_approximator
+from pybivi.cme.training_cli import main as approximator_main  # noqa: F401

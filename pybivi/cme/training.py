@@ -8,21 +8,20 @@ approximator's accuracy is measured (the nascent marginal is exact).
 
 from __future__ import annotations
 
-import argparse
-import inspect
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from pybivi.cme.approximator import WEIGHTS_DIR, load_approximator, save_approximator
+from pybivi.cme.approximator import load_approximator, save_approximator
 from pybivi.cme.domain import BOX, STATE_CAP
 from pybivi.cme.mixture import nb_mixture_log_prob
-from pybivi.cme.moments import SLOPES, moment_base
+from pybivi.cme.moments import moment_base
 from pybivi.cme.network import ConditionalNet
 from pybivi.cme.scoring import HELDOUT_SEED, SCORE_ROWS, LogProbFn, score, summarize
 from pybivi.cme.training_data import ConditionalSet, build_dataset, design
@@ -365,44 +364,16 @@ def train_approximator(
     return path
 
 
-# Help texts of the options that need more than their name; each option's default and type
-# come from train_approximator's signature, so the command line cannot drift from it.
-_OPTION_HELP = {
-    "time_limit": "seconds of training",
-    "pairs_per_batch": "(n, m) pairs per Adam step",
-    "hard_power": "weight designs by (KL_d / mean KL)**power of the previous epoch (0: off; "
-    "negative: favour typical designs over the hardest)",
-    "hard_cap": "clip of the design weights",
-    "n_large_rows": "nascent rows per b >= 1 design",
-}
-_OPTION_TYPE = {"time_limit": float, "n_large_rows": int}  # options whose default is None
-_OPTION_FLAG = {"cache_dir": "--cache"}
-_OPTION_CHOICES = {"activation": ("relu", "silu"), "moment_slope": SLOPES}
+def __getattr__(name: str) -> Any:
+    # The command line moved to pybivi.cme.training_cli, which imports this module: it is
+    # looked up on use rather than imported here, and stays reachable as training.main.
+    if name == "main":
+        from pybivi.cme.training_cli import main
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line of ``pybivi approximator train`` (``python -m pybivi.cme.training``)."""
-    ap = argparse.ArgumentParser(prog="pybivi approximator train", description=__doc__)
-    ap.add_argument("--out", default=str(WEIGHTS_DIR), help="output folder (default: shipped)")
-    params = inspect.signature(train_approximator).parameters
-    names = [n for n in params if n not in ("out_dir", "log")]
-    for name in names:
-        default = params[name].default
-        extra = {"choices": list(_OPTION_CHOICES[name])} if name in _OPTION_CHOICES else {}
-        ap.add_argument(
-            _OPTION_FLAG.get(name, "--" + name.replace("_", "-")),
-            dest=name,
-            type=_OPTION_TYPE.get(name, type(default)),
-            default=default,
-            help=_OPTION_HELP.get(name),
-            **extra,
-        )
-    a = ap.parse_args(argv)
-    options = {n: getattr(a, n) for n in names}
-    path = train_approximator(a.out, **options, log=lambda s: print(s, flush=True))
-    print(f"wrote {path}")
-    return 0
+        return main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # ``python -m pybivi.cme.training`` still runs the command line.
+    raise SystemExit(__getattr__("main")())

@@ -24,9 +24,9 @@ cell-cycle effects, ``varm`` the per gene and program log2 changes of ``b`` and
 ``gamma/k`` and the effect kind, ``uns["simulation"]`` the settings and tables.
 ``EFFECT_KINDS`` lists the codes of ``varm["effect_kind"]`` (an index into it) and
 ``PROGRAM_KINDS`` what a program may change. The simulator's building blocks are in
-``pybivi.datasets._simulation``; the scoring of
-differential calls against the truth (:func:`truth_scores`, :func:`compensatory_summary`) in
-``pybivi.datasets._truth``.
+``pybivi.datasets._simulation`` (batches and escapers in
+``pybivi.datasets._batches_escapers``); the scoring of differential calls against the
+truth (:func:`truth_scores`, :func:`compensatory_summary`) in ``pybivi.datasets._truth``.
 """
 
 from __future__ import annotations
@@ -40,22 +40,24 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pybivi.datasets._batches_escapers import (
+    batch_design,
+    batch_truth,
+    draw_responders,
+    resolve_batch_effect,
+)
 from pybivi.datasets._simulation import (
     EFFECT_KINDS,
     PHASES,
     PROGRAM_KINDS,
-    batch_design,
-    batch_truth,
     cell_cycle_effects,
     cell_design,
     cell_kinetics,
-    draw_responders,
     gene_effects,
     gene_truth,
     log_uniform,
     merge_doublets,
     perturbation_table,
-    resolve_batch_effect,
     resolve_program_kinds,
     sample_counts,
     settings,

@@ -15,7 +15,7 @@ Contract (relied on by :mod:`pybivi.posterior`, :mod:`pybivi.tl.de`, :mod:`pybiv
 ------------------------------------------------------------------------------------
 * ``model.module``: the Pyro module (see :mod:`pybivi.module` for its methods), an
   instance of the class attribute ``module_cls`` or of the ``module_cls=`` argument.
-* ``model.registry``: a :class:`pybivi.data.Registry` (``n_cells``, ``n_genes``,
+* ``model.registry``: a :class:`pybivi.registry.Registry` (``n_cells``, ``n_genes``,
   ``obs_names``, ``var_names``, ``labels``, ``control_labels``, ``perturbation_key``,
   ``reference_library`` = per-species median library of the training cells).
 * ``model.make_batches(adata=None, indices=None, batch_size=128)``: iterator of batch

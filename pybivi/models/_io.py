@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from pybivi import data as _data
+from pybivi import registry as _registry
 from pybivi.module import ContrastiveModule
 
 __all__ = ["SaveLoadMixin", "class_path", "import_class", "check_module_cls"]
@@ -160,7 +161,7 @@ class SaveLoadMixin:
         config = json.loads((path / _CONFIG).read_text())
         if config["class"] != cls.__name__:
             raise ValueError(f"{path} holds a {config['class']}, not a {cls.__name__}")
-        registry = _data.Registry.from_dict(config["registry"])
+        registry = _registry.Registry.from_dict(config["registry"])
         registry.check_genes(adata)
         model = cls.__new__(cls)
         kwargs = dict(config["init_kwargs"])

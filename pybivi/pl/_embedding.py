@@ -7,8 +7,9 @@ saving, returns the :class:`matplotlib.figure.Figure`, and writes a PNG when
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -138,6 +139,49 @@ def embedding_grid(
     return fig
 
 
+def _bar_chart(
+    heights: pd.DataFrame,
+    ticks: Sequence[str],
+    ylabel: str,
+    path: str | Path | None,
+    *,
+    figsize: tuple[float, float],
+    ticks_style: Mapping[str, Any],
+    bar_style: Mapping[str, Any] | None = None,
+    ylim: tuple[float, float] | None = None,
+    legend: bool = False,
+    draw: Callable[[Any, np.ndarray], None] | None = None,
+):
+    """The report's bar chart: a slot per row of ``heights`` holding one bar per column,
+    side by side in a width of 0.8; no top or right spine; a PNG when ``path`` is given.
+
+    ``bar_style`` goes to every ``ax.bar``; ``draw(ax, x)`` adds marks over the bars; with
+    ``legend`` the columns are named in a legend.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=figsize)
+    x = np.arange(len(heights))
+    n_bars = heights.shape[1]
+    width = 0.8 / max(1, n_bars)
+    for j, column in enumerate(heights.columns):
+        offset = (j - (n_bars - 1) / 2) * width
+        style = {**(bar_style or {}), **({"label": column} if legend else {})}
+        ax.bar(x + offset, heights[column], width, **style)
+    if draw is not None:
+        draw(ax, x)
+    ax.set_xticks(x, ticks, **ticks_style)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    if legend:
+        ax.legend(fontsize=7, frameon=False, ncol=2)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
 def metric_bars(
     table: pd.DataFrame,
     metric: str,
@@ -167,23 +211,24 @@ def metric_bars(
     -------
     matplotlib.figure.Figure
     """
-    plt = _pyplot()
     order = list(order) if order is not None else list(pd.unique(table["model"]))
     stats = table.groupby("model")[metric].agg(["mean", "std", "count"]).reindex(order)
-    fig, ax = plt.subplots(figsize=(1.3 * len(order) + 1.5, 3.2))
-    x = np.arange(len(order))
-    ax.bar(x, stats["mean"], yerr=stats["std"].fillna(0.0), capsize=4, color="#8da0cb")
-    for i, model in enumerate(order):
-        vals = table.loc[table["model"] == model, metric].to_numpy()
-        ax.scatter(np.full(vals.shape, x[i]), vals, s=10, color="k", zorder=3)
-    names = [labels.get(m, m) if labels else m for m in order]
-    ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel or metric)
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-    return fig
+
+    def seeds(ax, x: np.ndarray) -> None:  # every seed's value over its model's bar
+        for i, model in enumerate(order):
+            vals = table.loc[table["model"] == model, metric].to_numpy()
+            ax.scatter(np.full(vals.shape, x[i]), vals, s=10, color="k", zorder=3)
+
+    return _bar_chart(
+        stats[["mean"]],
+        [labels.get(m, m) if labels else m for m in order],
+        ylabel or metric,
+        path,
+        figsize=(1.3 * len(order) + 1.5, 3.2),
+        ticks_style={"rotation": 20, "ha": "right", "fontsize": 8},
+        bar_style={"yerr": stats["std"].fillna(0.0), "capsize": 4, "color": "#8da0cb"},
+        draw=seeds,
+    )
 
 
 def purity_bars(
@@ -209,25 +254,19 @@ def purity_bars(
     -------
     matplotlib.figure.Figure
     """
-    plt = _pyplot()
     mean = table.groupby(["program", "model"])["purity"].mean().unstack("model")
     order = list(order) if order is not None else list(mean.columns)
     mean = mean[[m for m in order if m in mean.columns]]
-    fig, ax = plt.subplots(figsize=(1.2 * len(mean) + 2.0, 3.4))
-    width = 0.8 / max(1, mean.shape[1])
-    x = np.arange(len(mean))
-    for j, model in enumerate(mean.columns):
-        ax.bar(x + (j - (mean.shape[1] - 1) / 2) * width, mean[model], width, label=model)
-    ticks = [f"{p}\n({kinds[p]})" if kinds and p in kinds else str(p) for p in mean.index]
-    ax.set_xticks(x, ticks, fontsize=7)
-    ax.set_ylabel("same-program neighbours")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, frameon=False, ncol=2)
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-    return fig
+    return _bar_chart(
+        mean,
+        [f"{p}\n({kinds[p]})" if kinds and p in kinds else str(p) for p in mean.index],
+        "same-program neighbours",
+        path,
+        figsize=(1.2 * len(mean) + 2.0, 3.4),
+        ticks_style={"fontsize": 7},
+        ylim=(0, 1),
+        legend=True,
+    )
 
 
 def truth_scatter(

@@ -137,7 +137,7 @@ def figure3(
 
 
 def _density_samples(cbivi, scvi, gene, group, groupby, reference, seed, n=2_000):
-    from pybivi.posterior import pooled_samples
+    from pybivi._draws import pooled_samples
 
     samples: dict[str, dict[str, np.ndarray]] = {}
     for label, model, names in (

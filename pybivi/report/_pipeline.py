@@ -80,11 +80,11 @@ def kinetic_estimates(model: Any, n_samples: int = 20, seed: int = 0) -> dict[st
 
     Returns ``{name: (n_cells, n_genes)}`` for each of the scheme's parameters.
     """
-    from pybivi import posterior
+    from pybivi._draws import iter_draws
 
     names = tuple(model.module.scheme.kinetic_param_names)
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in names}
-    for _, draws in posterior.iter_draws(
+    for _, draws in iter_draws(
         model, n_samples=n_samples, quantities=names, libraries=("reference",),
         batch_size=256, seed=seed,
     ):

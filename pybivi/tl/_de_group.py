@@ -3,16 +3,17 @@
 The default of :func:`pybivi.tl.de.kinetic` and an option of :func:`pybivi.tl.de.mean`. For each
 group of cells and the reference:
 
-1. **Population-level values.** Each species' mean normalised expression over the
-   group's cells at the reference library (its pseudo-bulk), mapped through the reaction
-   scheme's kinetic map (bursty: ``b = mu_N / theta``, ``gamma/k = b / mu_M``), on the
-   log2 scale. ``estimate="observed"`` takes the means of the observed counts, each cell
-   scaled to the reference library; ``estimate="decoded"`` takes them from the model's
-   posterior draws (each draw's mean over the cells of the decoded means, see
-   :func:`group_log2_draws`).
-2. **Uncertainty.** The sampling variance of the group's means, from the spread of its
-   cells' normalised counts (delta method, covariance of the two species included); for
-   ``"decoded"`` the variance of the posterior draws is added.
+1. **Population-level values.** Each species' normalised expression of the group at the
+   reference library (its pseudo-bulk), mapped through the reaction scheme's kinetic map
+   (bursty: ``b = mu_N / theta``, ``gamma/k = b / mu_M``), on the log2 scale.
+   ``estimate="observed"`` takes the observed counts: the species' summed counts over its
+   summed library sizes, times the reference library; ``estimate="decoded"`` takes them
+   from the model's posterior draws (each draw's mean over the cells of the decoded means,
+   see :func:`group_log2_draws`).
+2. **Uncertainty.** The sampling variance of the group's pseudo-bulks, from the spread of
+   its cells' counts (linearisation variance of the ratio, then the delta method,
+   covariance of the two species included); for ``"decoded"`` the variance of the
+   posterior draws is added.
 3. **Shrinkage.** The log2 fold changes of all genes of a comparison share an
    empirical-Bayes prior, a point mass at 0 and normals (Stephens' ``ash``,
    :func:`~pybivi.tl.bayes_factors.shrink_lfc`), so that posterior probabilities are
@@ -36,8 +37,13 @@ import numpy as np
 import pandas as pd
 
 from pybivi.tl._de_batches import batch_codes_of, split_by_batch, stratified_compare
-from pybivi.tl._de_sources import Sampler, default_kinetic_params, group_masks, is_idata
-from pybivi.tl._de_streams import group_log2_draws, null_splits, pseudobulk_moments
+from pybivi.tl._de_sources import Sampler, default_kinetic_params, group_masks, scheme_and_theta
+from pybivi.tl._de_streams import (
+    DecodeSettings,
+    group_log2_draws,
+    null_splits,
+    pseudobulk_moments,
+)
 from pybivi.tl._de_weights import effective_sizes, restrict_masks
 from pybivi.tl._shrinkage import (
     HALF_COUNT,
@@ -212,23 +218,23 @@ def group_test(
     normalize: str | None = None,
     batch_size: int = 256,
     seed: int = 0,
-    cell_weights: np.ndarray | None = None,
-    transform_batch: Any = None,
+    decode: DecodeSettings | None = None,
 ) -> pd.DataFrame:
     """The group-level test behind :func:`pybivi.tl.de.kinetic` and :func:`pybivi.tl.de.mean`.
 
     ``kind="kinetic"`` tests the scheme's kinetic parameters ``params``;
     ``kind="mean"`` tests normalised mature expression (one parameter, whose columns
-    carry no prefix). ``cell_weights`` (one per cell, see
-    :func:`pybivi.tl._de_weights.resolve_cell_weights`) makes every pseudo-bulk a
-    weighted mean; cells of weight 0 leave the test, and the control-versus-control
-    splits are size-matched to each group's effective number of cells. See
-    :func:`pybivi.tl.de.kinetic` for the other arguments.
+    carry no prefix). ``decode`` (:class:`~pybivi.tl._de_streams.DecodeSettings`, default
+    all cells alike, each decoded at its own batch) holds the cell weights (one per
+    cell, see :func:`pybivi.tl._de_weights.resolve_cell_weights`), which make every
+    pseudo-bulk a weighted mean; cells of weight 0 leave the test, and the
+    control-versus-control splits are size-matched to each group's effective number of
+    cells. See :func:`pybivi.tl.de.kinetic` for the other arguments.
 
     For a model set up with ``batch_key`` (two batches or more), the observed
     pseudo-bulks are compared within each batch and combined with inverse-variance
     weights (:mod:`pybivi.tl._de_batches`); ``estimate="decoded"`` decodes at
-    ``transform_batch`` (each cell's own batch by default) and adds the pooled
+    ``decode.transform_batch`` (each cell's own batch by default) and adds the pooled
     pseudo-bulks' sampling variance.
     """
     if estimate not in ESTIMATES:
@@ -237,11 +243,13 @@ def group_test(
         raise ValueError(f"null_repeats must be >= 0, got {null_repeats}")
     if not delta >= 0:
         raise ValueError(f"delta must be >= 0, got {delta}")
+    decode = DecodeSettings() if decode is None else decode
+    cell_weights = decode.cell_weights
     sampler = Sampler(source, groupby, 1, seed, batch_size)
     ref_mask, masks = group_masks(sampler.labels, sampler.is_control, group, reference, groupby)
     ref_mask, masks = restrict_masks(ref_mask, masks, cell_weights)
     if kind == "kinetic":
-        scheme, theta = _scheme_and_theta(source, len(sampler.genes))
+        scheme, theta = scheme_and_theta(source, len(sampler.genes))
         names = tuple(params) if params is not None else default_kinetic_params(scheme)
         kinetic = _kinetic_map(scheme, theta, names)
     else:
@@ -264,11 +272,9 @@ def group_test(
     decoded = None
     if estimate == "decoded":
         decoded = _decoded_estimates(
-            source, sets, names, kind, kinetic, aggregate, n_draws, batch_size, seed,
-            cell_weights,
-            transform_batch,
+            source, sets, names, kind, kinetic, aggregate, n_draws, batch_size, seed, decode
         )
-    elif transform_batch is not None:
+    elif decode.transform_batch is not None:
         raise ValueError(
             "transform_batch= applies to decoded quantities: use estimate='decoded' (the "
             "observed test already compares within batches)"
@@ -339,8 +345,9 @@ def group_test(
 
 
 def _decoded_estimates(
-    source, sets, names, kind, kinetic, aggregate, n_draws, batch_size, seed, weights=None,
-    transform_batch=None,
+    source: Any, sets: dict[str, np.ndarray], names: Sequence[str], kind: str,
+    kinetic: Callable | None, aggregate: str, n_draws: int, batch_size: int, seed: int,
+    decode: DecodeSettings,
 ) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Per set and parameter: mean and variance over the posterior draws of the log2 value."""
     if kind == "mean":
@@ -357,8 +364,7 @@ def _decoded_estimates(
         n_draws=n_draws,
         batch_size=batch_size,
         seed=seed,
-        weights=weights,
-        transform_batch=transform_batch,
+        decode=decode,
     )
     out = {}
     for k, d in draws.items():
@@ -371,27 +377,6 @@ def _decoded_estimates(
             per = d
         out[k] = {p: (v.mean(0), v.var(0)) for p, v in per.items()}
     return out
-
-
-def _scheme_and_theta(source: Any, n_genes: int) -> tuple[Any, np.ndarray]:
-    """The reaction scheme and per-gene theta of a model or an exported InferenceData."""
-    from pybivi import schemes
-
-    if not is_idata(source):
-        scheme = source.module.scheme
-        if scheme is None:
-            raise ValueError("kinetic DE needs a model with a reaction scheme (a CME likelihood)")
-        return scheme, source.module.theta.detach().double().cpu().numpy()
-    name = source.posterior.attrs.get("scheme")
-    if name is None or "theta" not in source.constant_data:
-        raise ValueError(
-            "the InferenceData lacks the scheme name or theta: export it with "
-            "model.posterior(...), which records both"
-        )
-    theta = np.asarray(source.constant_data["theta"].values, dtype=np.float64)
-    if theta.shape != (n_genes,):
-        raise ValueError(f"theta has shape {theta.shape}, expected ({n_genes},)")
-    return schemes.get(str(name)), theta
 
 
 def _warn_on_null(null: pd.DataFrame, fdr_target: float | None, delta: float) -> None:

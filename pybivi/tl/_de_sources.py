@@ -1,7 +1,8 @@
 """Where the differential tests read their draws: labels, group masks and pooled samples.
 
-Shared by :mod:`pybivi.tl.de` (the pooled-pairs tests) and :mod:`pybivi.tl.de` (the
-group-level tests); a model is drawn from, an InferenceData is read.
+Shared by :mod:`pybivi.tl._de_pairs` (the pooled-pairs tests) and
+:mod:`pybivi.tl._de_group` (the group-level tests); a model is drawn from, an
+InferenceData is read.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ __all__ = [
     "model_labels",
     "Sampler",
     "default_kinetic_params",
+    "scheme_and_theta",
     "mature_group_means",
 ]
 
@@ -125,7 +127,7 @@ class Sampler:
                 else:
                     out[n] = _idata_samples(self.source, n, mask)
             return out
-        from pybivi.posterior import pooled_samples
+        from pybivi._draws import pooled_samples
 
         return pooled_samples(
             self.source,
@@ -156,6 +158,34 @@ def default_kinetic_params(source: Any) -> tuple[str, ...]:
     if {"burst_size", "degradation_rate"} <= set(names):
         return ("burst_size", "degradation_rate")
     return tuple(names)
+
+
+def scheme_and_theta(source: Any, n_genes: int) -> tuple[Any, np.ndarray]:
+    """The reaction scheme and per-gene theta of a model or an exported InferenceData.
+
+    Raises
+    ------
+    ValueError
+        The model has no reaction scheme, or the InferenceData lacks the scheme's name or
+        ``theta`` (or its ``theta`` is not one per gene).
+    """
+    from pybivi import schemes
+
+    if not is_idata(source):
+        scheme = source.module.scheme
+        if scheme is None:
+            raise ValueError("kinetic DE needs a model with a reaction scheme (a CME likelihood)")
+        return scheme, source.module.theta.detach().double().cpu().numpy()
+    name = source.posterior.attrs.get("scheme")
+    if name is None or "theta" not in source.constant_data:
+        raise ValueError(
+            "the InferenceData lacks the scheme name or theta: export it with "
+            "model.posterior(...), which records both"
+        )
+    theta = np.asarray(source.constant_data["theta"].values, dtype=np.float64)
+    if theta.shape != (n_genes,):
+        raise ValueError(f"theta has shape {theta.shape}, expected ({n_genes},)")
+    return schemes.get(str(name)), theta
 
 
 def mature_group_means(model: Any, masks: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -19,53 +19,80 @@ Two functions, each with two methods:
   column: our ``log_bayes_factor`` column is that number.
 
 The maths lives in pure functions on arrays in :mod:`pybivi.tl.bayes_factors`
-(:func:`kinetic_bayes_factors`, :func:`change_bayes_factors`, ``three_way_test``,
-``fdr_calls``, ``shrink_lfc``), tested against analytic cases; the functions here draw
-or read the inputs (:mod:`pybivi.tl._de_sources`, :mod:`pybivi.tl._de_streams`) and assemble
-tables.
+(:func:`~pybivi.tl.bayes_factors.kinetic_bayes_factors`,
+:func:`~pybivi.tl.bayes_factors.change_bayes_factors`, ``three_way_test``, ``fdr_calls``,
+``shrink_lfc``), tested against analytic cases; the two methods draw or read the inputs
+(:mod:`pybivi.tl._de_sources`, :mod:`pybivi.tl._de_streams`) and assemble tables, the
+group method in :mod:`pybivi.tl._de_group` and the pairs method in
+:mod:`pybivi.tl._de_pairs`. The functions here check the arguments, resolve the cell
+weights and choose the method.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from pybivi.tl._de_group import GROUP_DELTA, group_test
-from pybivi.tl._de_sources import (
-    Sampler,
-    default_kinetic_params,
-    group_masks,
-    is_idata,
-    mature_group_means,
-)
+from pybivi.tl._de_pairs import kinetic_pairs, mean_pairs
+from pybivi.tl._de_streams import DecodeSettings
 from pybivi.tl._de_summary import call_counts, overlap_table
-from pybivi.tl._de_weights import cell_weights_for, thin_masks
-from pybivi.tl.bayes_factors import (
-    change_bayes_factors,
-    combined_call,
-    estimate_pseudocounts,
-    kinetic_bayes_factors,
-    median_ratio_normalize,
-)
+from pybivi.tl._de_weights import cell_weights_for
 
-__all__ = [
-    "kinetic_bayes_factors",
-    "change_bayes_factors",
-    "estimate_pseudocounts",
-    "combined_call",
-    "median_ratio_normalize",
-    "kinetic",
-    "mean",
-    "group_test",
-    "GROUP_DELTA",
-    "call_counts",
-    "overlap_table",
-]
+# The Bayes-factor functions belong to pybivi.tl.bayes_factors; they stay importable from
+# here, where earlier versions listed them.
+from pybivi.tl.bayes_factors import change_bayes_factors as change_bayes_factors
+from pybivi.tl.bayes_factors import combined_call as combined_call
+from pybivi.tl.bayes_factors import estimate_pseudocounts as estimate_pseudocounts
+from pybivi.tl.bayes_factors import kinetic_bayes_factors as kinetic_bayes_factors
+from pybivi.tl.bayes_factors import median_ratio_normalize as median_ratio_normalize
+
+__all__ = ["kinetic", "mean", "group_test", "GROUP_DELTA", "call_counts", "overlap_table"]
+
+# Parameter texts that kinetic and mean share, written once and put into both docstrings
+# (as scvi-tools' doc templates) so that the two cannot drift apart.
+_SHARED_PARAMETERS = {
+    "weights_responders": """\
+weights, responders
+    Per-cell weights (beyond the paper; user guide, "Escapers"): ``weights`` in
+    ``[0, 1]`` (e.g. ``model.get_perturbation_probability()``) or ``responders``, a
+    boolean mask, one entry per cell of the model's AnnData (or the InferenceData).
+    ``"group"`` forms weighted pseudo-bulks (0/1 weights: exactly the test on the
+    subset); ``"pairs"`` keeps each cell with probability equal to its weight.
+    Controls always weigh 1; the control-versus-control null is unchanged. Default
+    (``responders=None``): a model built with ``salient_prior="mixture"`` tests its
+    responders, the cells whose responder probability exceeds 0.5; every other
+    source tests all cells. ``responders=False`` switches this off.""",
+    "transform_batch": """\
+transform_batch
+    Models set up with ``batch_key``: where decoding happens (``"pairs"``, and
+    ``"group"`` with ``estimate="decoded"``), decode every cell at this batch, or
+    average over a list of batches (scvi-tools' ``transform_batch``); ``None``:
+    each cell at its own batch. The observed ``"group"`` test instead compares
+    pseudo-bulks within each batch and combines the batches' lfc with
+    inverse-variance weights, so a batch effect shared by group and reference
+    cancels (:mod:`pybivi.tl._de_batches`).""",
+}
 
 
+def _shared_parameters(func: Callable) -> Callable:
+    """Put the :data:`_SHARED_PARAMETERS` texts in place of ``{name}`` in ``func``'s docstring."""
+    if func.__doc__ is None:  # python -OO strips docstrings
+        return func
+    doc = func.__doc__
+    for name, text in _SHARED_PARAMETERS.items():
+        placeholder = "{" + name + "}"
+        if placeholder not in doc:
+            raise ValueError(f"{func.__name__}'s docstring has no {placeholder}")
+        # A docstring's parameters sit 4 spaces in: the first line is already indented.
+        doc = doc.replace(placeholder, "\n".join("    " + line for line in text.splitlines())[4:])
+    func.__doc__ = doc
+    return func
+
+
+@_shared_parameters
 def kinetic(
     model_or_idata: Any,
     groupby: str = "program",
@@ -173,26 +200,10 @@ def kinetic(
         per-gene median (:func:`~pybivi.tl.bayes_factors.median_ratio_normalize`); with
         ``"group"`` the lfc estimates are centred on their median over genes. Both
         assume that most genes do not change the parameter.
-    weights, responders
-        Per-cell weights (beyond the paper; user guide, "Escapers"): ``weights`` in
-        ``[0, 1]`` (e.g. ``model.get_perturbation_probability()``) or ``responders``, a
-        boolean mask, one entry per cell of the model's AnnData (or the InferenceData).
-        ``"group"`` forms weighted pseudo-bulks (0/1 weights: exactly the test on the
-        subset); ``"pairs"`` keeps each cell with probability equal to its weight.
-        Controls always weigh 1; the control-versus-control null is unchanged. Default
-        (``responders=None``): a model built with ``salient_prior="mixture"`` tests its
-        responders, the cells whose responder probability exceeds 0.5; every other
-        source tests all cells. ``responders=False`` switches this off.
+    {weights_responders}
     batch_size, seed
         Cells per minibatch; seed of the draws, the splits and the pairs.
-    transform_batch
-        Models set up with ``batch_key``: where decoding happens (``"pairs"``, and
-        ``"group"`` with ``estimate="decoded"``), decode every cell at this batch, or
-        average over a list of batches (scvi-tools' ``transform_batch``); ``None``:
-        each cell at its own batch. The observed ``"group"`` test instead compares
-        pseudo-bulks within each batch and combines the batches' lfc with
-        inverse-variance weights, so a batch effect shared by group and reference
-        cancels (:mod:`pybivi.tl._de_batches`).
+    {transform_batch}
 
     Returns
     -------
@@ -222,14 +233,14 @@ def kinetic(
         raise ValueError(f"method must be 'group' or 'pairs', not {method!r}")
     if normalize not in (None, "median_ratio"):
         raise ValueError(f"normalize must be None or 'median_ratio', not {normalize!r}")
-    cell_weights = cell_weights_for(model_or_idata, groupby, weights, responders)
+    cells = cell_weights_for(model_or_idata, groupby, weights, responders)
+    decode = DecodeSettings(cell_weights=cells, transform_batch=transform_batch)
     if method == "pairs":
-        return _kinetic_pairs(
+        return kinetic_pairs(
             model_or_idata, groupby, group, reference, params=params,
             delta=1.0 if delta is None else delta, bf_threshold=bf_threshold,
             n_pairs=n_pairs, n_samples=n_samples, normalize=normalize,
-            batch_size=batch_size, seed=seed, cell_weights=cell_weights,
-            transform_batch=transform_batch,
+            batch_size=batch_size, seed=seed, decode=decode,
         )  # fmt: skip
     return group_test(
         model_or_idata, groupby, group, reference, kind="kinetic", params=params,
@@ -237,62 +248,11 @@ def kinetic(
         fdr_target=fdr_target, shrink=shrink, aggregate=aggregate, n_draws=n_draws,
         n_posterior=n_posterior, null_repeats=null_repeats, credible_mass=credible_mass,
         bf_threshold=bf_threshold, normalize=normalize, batch_size=batch_size, seed=seed,
-        cell_weights=cell_weights,
-        transform_batch=transform_batch,
+        decode=decode,
     )  # fmt: skip
 
 
-def _kinetic_pairs(
-    model_or_idata: Any,
-    groupby: str,
-    group: str | Sequence[str] | None,
-    reference: str,
-    *,
-    params: Sequence[str] | None,
-    delta: float,
-    bf_threshold: float,
-    n_pairs: int,
-    n_samples: int,
-    normalize: str | None,
-    batch_size: int,
-    seed: int,
-    cell_weights: np.ndarray | None = None,
-    transform_batch: Any = None,
-) -> pd.DataFrame:
-    """biVI's pooled-pairs kinetic test (``kinetic(method="pairs")``)."""
-    sampler = Sampler(model_or_idata, groupby, n_samples, seed, batch_size, transform_batch)
-    names = tuple(params) if params is not None else default_kinetic_params(model_or_idata)
-    ref_mask, masks = group_masks(sampler.labels, sampler.is_control, group, reference, groupby)
-    ref_mask, masks = thin_masks(ref_mask, masks, cell_weights, seed)
-    ref_samples = sampler(ref_mask, names, salt=0)
-    profiles = {}
-    if normalize == "median_ratio":
-        # The reference against its own per-gene median (this also validates its samples),
-        # then every group against that same profile.
-        for p in names:
-            ref_samples[p], profiles[p] = median_ratio_normalize(
-                ref_samples[p], return_profile=True
-            )
-    tables = []
-    for k, (g, mask) in enumerate(masks.items()):
-        samples = sampler(mask, names, salt=k + 1)
-        if profiles:
-            samples = {p: median_ratio_normalize(samples[p], profiles[p]) for p in names}
-        cols: dict[str, Any] = {"group": g, "reference": reference}
-        calls = {}
-        for j, p in enumerate(names):
-            res = kinetic_bayes_factors(
-                samples[p], ref_samples[p], delta, n_pairs, seed=seed + 7919 * (k + 1) + j
-            )
-            for key in ("proba_de", "bayes_factor", "lfc_mean", "lfc_median", "lfc_sd"):
-                cols[f"{p}_{key}"] = res[key]
-            calls[p] = res["bayes_factor"] > bf_threshold
-            cols[f"{p}_is_de"] = calls[p]
-        cols["call"] = combined_call(calls)
-        tables.append(pd.DataFrame(cols, index=pd.Index(sampler.genes, name="gene")))
-    return pd.concat(tables)
-
-
+@_shared_parameters
 def mean(
     model_or_idata: Any,
     groupby: str = "program",
@@ -362,26 +322,10 @@ def mean(
     pseudocounts
         ``"pairs"``: ``eps`` of the lfc; ``None`` estimates it as scvi-tools does from
         genes whose mean observed mature count in a group is below ``threshold_counts``.
-    weights, responders
-        Per-cell weights (beyond the paper; user guide, "Escapers"): ``weights`` in
-        ``[0, 1]`` (e.g. ``model.get_perturbation_probability()``) or ``responders``, a
-        boolean mask, one entry per cell of the model's AnnData (or the InferenceData).
-        ``"group"`` forms weighted pseudo-bulks (0/1 weights: exactly the test on the
-        subset); ``"pairs"`` keeps each cell with probability equal to its weight.
-        Controls always weigh 1; the control-versus-control null is unchanged. Default
-        (``responders=None``): a model built with ``salient_prior="mixture"`` tests its
-        responders, the cells whose responder probability exceeds 0.5; every other
-        source tests all cells. ``responders=False`` switches this off.
+    {weights_responders}
     batch_size, seed
         Minibatch size of the draws; seed of the draws and pairs.
-    transform_batch
-        Models set up with ``batch_key``: where decoding happens (``"pairs"``, and
-        ``"group"`` with ``estimate="decoded"``), decode every cell at this batch, or
-        average over a list of batches (scvi-tools' ``transform_batch``); ``None``:
-        each cell at its own batch. The observed ``"group"`` test instead compares
-        pseudo-bulks within each batch and combines the batches' lfc with
-        inverse-variance weights, so a batch effect shared by group and reference
-        cancels (:mod:`pybivi.tl._de_batches`).
+    {transform_batch}
 
     Returns
     -------
@@ -396,45 +340,22 @@ def mean(
     """
     if method not in ("group", "pairs"):
         raise ValueError(f"method must be 'group' or 'pairs', not {method!r}")
-    cell_weights = cell_weights_for(model_or_idata, groupby, weights, responders)
+    cells = cell_weights_for(model_or_idata, groupby, weights, responders)
+    decode = DecodeSettings(cell_weights=cells, transform_batch=transform_batch)
     if method == "group":
         return group_test(
             model_or_idata, groupby, group, reference, kind="mean", estimate=estimate,
             delta=GROUP_DELTA if delta is None else delta, fdr_target=fdr_target,
             shrink=shrink, n_draws=n_draws, n_posterior=n_posterior,
             null_repeats=null_repeats, credible_mass=credible_mass,
-            bf_threshold=bf_threshold, batch_size=batch_size, seed=seed,
-            cell_weights=cell_weights,
-            transform_batch=transform_batch,
+            bf_threshold=bf_threshold, batch_size=batch_size, seed=seed, decode=decode,
         )  # fmt: skip
-    delta = 0.2 if delta is None else delta
-    sampler = Sampler(model_or_idata, groupby, n_samples, seed, batch_size, transform_batch)
-    ref_mask, masks = group_masks(sampler.labels, sampler.is_control, group, reference, groupby)
-    ref_mask, masks = thin_masks(ref_mask, masks, cell_weights, seed)
-    ref_scales = sampler(ref_mask, ["rho_mature"], salt=0)["rho_mature"]
-    observed = None
-    if pseudocounts is None and not is_idata(model_or_idata):
-        means = mature_group_means(model_or_idata, [ref_mask, *masks.values()])
-        observed = {"reference": means[0], "groups": dict(zip(masks, means[1:], strict=True))}
-    tables = []
-    for k, (g, mask) in enumerate(masks.items()):
-        scales = sampler(mask, ["rho_mature"], salt=k + 1)["rho_mature"]
-        eps = pseudocounts
-        if eps is None:
-            if observed is None:
-                eps = 1e-10  # no counts at hand: scvi-tools' floor
-            else:
-                zero_a = observed["groups"][g] < threshold_counts
-                zero_b = observed["reference"] < threshold_counts
-                eps = estimate_pseudocounts(scales, ref_scales, zero_a, zero_b)
-        res = change_bayes_factors(scales, ref_scales, delta, eps, n_pairs, seed=seed + k + 1)
-        cols = {"group": g, "reference": reference}
-        keys = ("proba_de", "bayes_factor", "log_bayes_factor", "direction")
-        cols.update({key: res[key] for key in (*keys, "lfc_mean", "lfc_median", "lfc_sd")})
-        cols.update(scale_group=res["scale_a"], scale_reference=res["scale_b"], pseudocounts=eps)
-        cols["is_de"] = res["bayes_factor"] > bf_threshold
-        tables.append(pd.DataFrame(cols, index=pd.Index(sampler.genes, name="gene")))
-    return pd.concat(tables)
+    return mean_pairs(
+        model_or_idata, groupby, group, reference, delta=0.2 if delta is None else delta,
+        bf_threshold=bf_threshold, n_samples=n_samples, n_pairs=n_pairs,
+        pseudocounts=pseudocounts, threshold_counts=threshold_counts, batch_size=batch_size,
+        seed=seed, decode=decode,
+    )  # fmt: skip
 
 
 # The figure-3 tables and plots live in pybivi.report and the ground-truth scores in

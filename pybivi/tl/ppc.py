@@ -351,7 +351,8 @@ def ppc(
         Tables per gene and statistic, the replicated statistics and the calibration
         summary (see :class:`PPCResult`).
     """
-    from pybivi.posterior import iter_draws, predictive_counts
+    from pybivi._draws import iter_draws
+    from pybivi.posterior import predictive_counts
 
     if n_replicates < 1:
         raise ValueError(f"n_replicates must be >= 1, got {n_replicates}")
