@@ -35,6 +35,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from pybivi import _disk_arrays as disk
+
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "CountStore",
@@ -53,188 +55,6 @@ __all__ = [
 DEFAULT_BLOCK_SIZE = 2048
 #: Rows per read when scanning a whole matrix (setup checks, library sizes).
 SCAN_BLOCK_SIZE = 8192
-#: Two requested rows closer than this are read in one contiguous run (the rows between
-#: them are read and dropped: cheaper than a second read).
-_MAX_GAP = 64
-#: The same in stored entries, for a sparse matrix read from its arrays: an uncompressed
-#: read of 65,536 skipped entries (0.5 MB) costs about what a second read call costs. A
-#: compressed array is decompressed a whole chunk at a time, so there the gap is one
-#: chunk: two reads in one chunk would decompress it twice.
-_MAX_GAP_ENTRIES = 1 << 16
-#: Whether rows of a sparse matrix read from its arrays share runs by stored entries (as
-#: above) besides rows (``_MAX_GAP``).
-_MERGE_BY_ENTRIES = True
-#: A run grown by the gaps above stops at this many stored entries (64 MB of float32
-#: values and int32 indices), so that scattered rows never read a large span at once.
-_MAX_RUN_ENTRIES = 1 << 23
-
-
-def _is_dask(matrix: Any) -> bool:
-    return type(matrix).__module__.startswith("dask.") and hasattr(matrix, "compute")
-
-
-def _is_sparse_dataset(matrix: Any) -> bool:
-    from anndata.abc import CSCDataset, CSRDataset
-
-    return isinstance(matrix, (CSRDataset, CSCDataset))
-
-
-def _is_disk_array(matrix: Any) -> bool:
-    """An HDF5 or zarr array (dense, read by slicing)."""
-    module = type(matrix).__module__
-    return module.startswith(("h5py", "zarr")) and hasattr(matrix, "shape")
-
-
-class _CSRArrays:
-    """Rows of a CSR matrix stored in anndata's layout: ``data``, ``indices``, ``indptr``.
-
-    ``indptr`` is read once and kept (one integer per row): each read of rows is then one
-    slice of ``data`` and one of ``indices``.
-
-    Parameters
-    ----------
-    group
-        The HDF5 or zarr group (``encoding-type`` ``csr_matrix``).
-    shape
-        The matrix's shape.
-    owner
-        An object to keep alive as long as the group is read (an HDF5 file opened for
-        it), or ``None``.
-    """
-
-    def __init__(self, group: Any, shape: tuple[int, int], owner: Any = None) -> None:
-        self.data, self.indices = group["data"], group["indices"]
-        self.indptr = np.asarray(group["indptr"][:])
-        self.shape = shape
-        self.owner = owner
-        self.dtype = np.dtype(self.data.dtype)
-        chunks = getattr(self.data, "chunks", None)
-        self.gap_entries = _MAX_GAP_ENTRIES
-        if chunks and _is_compressed(self.data):
-            self.gap_entries = max(int(chunks[0]), _MAX_GAP_ENTRIES)
-        self.run_entries = max(_MAX_RUN_ENTRIES, 2 * self.gap_entries)
-
-    def read_slice(self, start: int, stop: int) -> sp.csr_matrix:
-        """Rows ``start:stop`` as scipy CSR."""
-        low, high = int(self.indptr[start]), int(self.indptr[stop])
-        indptr = self.indptr[start : stop + 1] - self.indptr[start]
-        return sp.csr_matrix(
-            (self.data[low:high], self.indices[low:high], indptr),
-            shape=(stop - start, self.shape[1]),
-        )
-
-    def runs(self, wanted: np.ndarray) -> list[np.ndarray]:
-        """``wanted`` (sorted distinct rows) cut into runs to read one span each.
-
-        Neighbours share a run when they are fewer than ``_MAX_GAP`` rows or
-        ``gap_entries`` stored entries apart, until the run spans ``run_entries`` entries.
-        """
-        starts = self.indptr[wanted].astype(np.int64)
-        stops = self.indptr[wanted + 1].astype(np.int64)
-        apart = np.diff(wanted) > _MAX_GAP
-        if _MERGE_BY_ENTRIES:
-            apart &= starts[1:] - stops[:-1] > self.gap_entries
-        runs = []
-        for run in np.split(np.arange(len(wanted)), np.flatnonzero(apart) + 1):
-            first = run[0]
-            # The span of rows first..i is stops[i] - starts[first] entries; cut the run
-            # where it would pass run_entries (a single long row still gets a run).
-            while first <= run[-1]:
-                limit = starts[first] + self.run_entries
-                last = max(first, int(np.searchsorted(stops, limit, side="right")) - 1)
-                last = min(last, run[-1])
-                runs.append(wanted[first : last + 1])
-                first = last + 1
-        return runs
-
-
-def _is_compressed(array: Any) -> bool:
-    """Whether reading part of an HDF5 or zarr array decompresses whole chunks."""
-    if type(array).__module__.startswith("h5py"):
-        return array.id.get_create_plist().get_nfilters() > 0
-    return bool(getattr(array, "compressors", None) or getattr(array, "compressor", None))
-
-
-def _csr_arrays(matrix: Any) -> _CSRArrays | None:
-    """The stored arrays behind an on-disk CSR matrix, or ``None`` where not reachable.
-
-    An anndata backed dataset exposes its group. For a dask array this relies on how
-    ``anndata.experimental.read_lazy`` builds it: one graph layer whose tasks call
-    ``make_dask_chunk`` with the HDF5 file's path and the element's name, or with a zarr
-    backed dataset. Any other dask array (a subset, a computed one, another version's
-    layout) is not reached and is read through dask.
-    """
-    shape = tuple(int(s) for s in matrix.shape)
-    if _is_sparse_dataset(matrix):
-        group = getattr(matrix, "group", None)
-        if group is None or group.attrs.get("encoding-type") != "csr_matrix":
-            return None
-        return _CSRArrays(group, shape)
-    if not _is_dask(matrix):
-        return None
-    source = _read_lazy_source(matrix)
-    if source is None:
-        return None
-    where, name = source
-    owner = None
-    try:
-        if _is_sparse_dataset(where):
-            group = getattr(where, "group", None)
-            if group is None:
-                return None
-        elif isinstance(where, (str, Path)):
-            import h5py
-
-            owner = h5py.File(where, "r")
-            group = owner[name]
-        else:
-            return None
-        attrs = group.attrs
-        fits = (
-            attrs.get("encoding-type") == "csr_matrix"
-            and tuple(int(s) for s in attrs["shape"]) == shape
-            and np.dtype(group["data"].dtype) == np.dtype(matrix.dtype)
-        )
-        if fits:
-            return _CSRArrays(group, shape, owner)
-    except (OSError, KeyError, TypeError, ValueError):
-        pass
-    if owner is not None:
-        owner.close()
-    return None
-
-
-def _read_lazy_source(matrix: Any) -> tuple[Any, str] | None:
-    """``(path or backed dataset, element name)`` read by a ``read_lazy`` dask array."""
-    import functools
-
-    try:
-        layers = matrix.__dask_graph__().layers
-        if list(layers) != [matrix.name]:  # subsets, casts etc. add layers
-            return None
-        task = matrix.__dask_graph__()[(matrix.name,) + (0,) * matrix.ndim]
-    except (AttributeError, KeyError, TypeError):
-        return None
-    # A task is a dask Task (arguments in .args, constants wrapped in DataNode.value) or,
-    # in older dask versions, a tuple (function, *arguments).
-    args = getattr(task, "args", task[1:] if isinstance(task, tuple) else ())
-    for arg in args:
-        arg = getattr(arg, "value", arg)
-        if (
-            isinstance(arg, functools.partial)
-            and getattr(arg.func, "__name__", "") == "make_dask_chunk"
-            and str(getattr(arg.func, "__module__", "")).startswith("anndata")
-            and len(arg.args) == 2
-        ):
-            return arg.args[0], str(arg.args[1])
-    return None
-
-
-def _dask_bounds(matrix: Any) -> np.ndarray:
-    """Row where each chunk of a dask array starts, and the row count at the end."""
-    return np.concatenate([[0], np.cumsum(matrix.chunks[0])]).astype(np.int64)
-
-
 class CountStore:
     """Rows of one count matrix, in memory or on disk.
 
@@ -265,7 +85,7 @@ class CountStore:
             self.matrix: Any = sp.csr_matrix(matrix)
         elif isinstance(matrix, np.ndarray):
             self.matrix = np.asarray(matrix)
-        elif _is_sparse_dataset(matrix) or _is_disk_array(matrix) or _is_dask(matrix):
+        elif disk.is_sparse_dataset(matrix) or disk.is_disk_array(matrix) or disk.is_dask(matrix):
             meta = getattr(matrix, "_meta", None)  # a dask array's chunk type
             layout = getattr(meta if sp.issparse(meta) else matrix, "format", "csr")
             if layout == "csc":
@@ -278,16 +98,16 @@ class CountStore:
             # anndata's backed datasets pay a fixed cost per read (index validation) and
             # read_lazy's dask arrays one per chunk (the file reopened, indptr reread):
             # their stored arrays are read directly where they can be reached.
-            self._csr = _csr_arrays(matrix) if layout == "csr" else None
-            if self._csr is None and _is_dask(matrix):
-                self._bounds = _dask_bounds(matrix)
+            self._csr = disk.csr_arrays(matrix) if layout == "csr" else None
+            if self._csr is None and disk.is_dask(matrix):
+                self._bounds = disk.dask_bounds(matrix)
         elif hasattr(matrix, "__array__"):
             self.matrix = np.asarray(matrix)
         else:
             raise TypeError(f"{what} has an unsupported type {type(matrix).__name__}")
         self.dtype = np.dtype(self.matrix.dtype)
 
-    _csr: _CSRArrays | None = None
+    _csr: disk.CSRArrays | None = None
     #: where each chunk of a dask array read through dask starts (``None``: not one)
     _bounds: np.ndarray | None = None
 
@@ -312,7 +132,7 @@ class CountStore:
         if self._csr is not None:
             return self._csr.read_slice(start, stop)
         block = self.matrix[start:stop]
-        if _is_dask(block):
+        if disk.is_dask(block):
             # The chunks are read one after another: dask's threads cost more than they
             # give on a few cores, and h5py runs one call at a time anyway.
             block = block.compute(scheduler="synchronous")
@@ -322,9 +142,9 @@ class CountStore:
         """Rows ``rows`` (any order, repeats allowed) in memory, in that order.
 
         In memory this is plain indexing. On disk the distinct rows are read as few
-        contiguous spans and reordered: rows less than ``_MAX_GAP`` apart share a span;
+        contiguous spans and reordered: rows less than ``disk.MAX_GAP`` apart share a span;
         so do rows of a sparse matrix read from its stored arrays that are less than a
-        compressed chunk (or ``_MAX_GAP_ENTRIES`` uncompressed entries) apart; a dask
+        compressed chunk (or ``disk.MAX_GAP_ENTRIES`` uncompressed entries) apart; a dask
         array read through dask is read whole chunks at a time, each chunk once.
         """
         rows = np.asarray(rows, dtype=np.int64)
@@ -345,7 +165,7 @@ class CountStore:
         if self._csr is not None:
             return [(int(r[0]), int(r[-1]) + 1, r) for r in self._csr.runs(wanted)]
         if self._bounds is None or np.diff(self._bounds).max() > SCAN_BLOCK_SIZE:
-            breaks = np.flatnonzero(np.diff(wanted) > _MAX_GAP) + 1
+            breaks = np.flatnonzero(np.diff(wanted) > disk.MAX_GAP) + 1
             return [(int(r[0]), int(r[-1]) + 1, r) for r in np.split(wanted, breaks)]
         # Whole chunks: read_lazy's tasks read a whole chunk for any row of it, so every
         # row wanted from a chunk comes from one read. Consecutive chunks share a read up

@@ -116,7 +116,7 @@ LAYERS = [
     ("pybivi.training", "pybivi.training_plan", "pybivi.training_data"),
     ("pybivi.module", "pybivi.diagnostics", "pybivi.nn", "pybivi.data", "pybivi.registry",
      "pybivi.storage", "pybivi._covariates", "pybivi._covariate_injection",
-     "pybivi._responders"),
+     "pybivi._responders", "pybivi._disk_arrays"),
     ("pybivi.distributions",),
     ("pybivi.schemes", "pybivi.datasets", "pybivi.pp"),
     ("pybivi.cme", "pybivi._allocator"),

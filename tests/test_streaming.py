@@ -9,7 +9,7 @@ import scipy.sparse as sp
 import torch
 
 import pybivi
-from pybivi import data, storage
+from pybivi import _disk_arrays, data, storage
 
 torch.set_num_threads(1)
 
@@ -123,8 +123,8 @@ def test_rows_come_from_disk_a_bounded_block_at_a_time(make_adata, tmp_path, mon
 
     monkeypatch.setattr(storage.CountStore, "read_slice", counted)
     monkeypatch.setattr(storage, "SCAN_BLOCK_SIZE", 32)
-    monkeypatch.setattr(storage, "_MAX_GAP", 1)  # only consecutive rows share a read
-    monkeypatch.setattr(storage, "_MERGE_BY_ENTRIES", False)
+    monkeypatch.setattr(_disk_arrays, "MAX_GAP", 1)  # only consecutive rows share a read
+    monkeypatch.setattr(_disk_arrays, "MERGE_BY_ENTRIES", False)
     pybivi.ContrastiveBiVI.setup_anndata(lazy)
     assert 0 < max(reads) <= 32 and sum(reads) == 2 * 200  # one pass per layer
     reads.clear()
@@ -300,7 +300,7 @@ def test_scattered_rows_share_a_read_within_a_compressed_chunk(make_adata, tmp_p
 
     counts = sp.csr_matrix(make_adata(n_cells=400, sparse=True).layers["spliced"])
     chunk = counts.nnz // 5
-    monkeypatch.setattr(storage, "_MAX_GAP_ENTRIES", 1)
+    monkeypatch.setattr(_disk_arrays, "MAX_GAP_ENTRIES", 1)
     # each more than _MAX_GAP rows from the next, some less than a chunk (5 in all) apart
     rows = np.array([0, 70, 210, 280, 399])
     starts, stops = counts.indptr[rows], counts.indptr[rows + 1]
@@ -320,7 +320,7 @@ def test_scattered_rows_share_a_read_within_a_compressed_chunk(make_adata, tmp_p
     assert 1 < len(spans) < len(rows)
     assert (store.read(rows) != counts[rows]).nnz == 0
     # a run stops growing at _MAX_RUN_ENTRIES (at least two chunks) stored entries
-    monkeypatch.setattr(storage, "_MAX_RUN_ENTRIES", 1)
+    monkeypatch.setattr(_disk_arrays, "MAX_RUN_ENTRIES", 1)
     store = storage.CountStore(sparse_dataset(packed["m"]), "x")
     every = np.arange(400)
     spans = store._spans(every)
