@@ -57,8 +57,7 @@ def main() -> None:
     print(f"1 process:   held-out -ELBO/cell {one:.3f}  ({one_s:.0f} s)")
     print(f"2 processes: held-out -ELBO/cell {two:.3f}  ({two_s:.0f} s, {args.strategy})")
     diff = (two - one) / abs(one)
-    verdict = "PASS" if abs(diff) <= 0.01 else "FAIL"
-    print(f"relative difference (2 - 1) / |1|: {100 * diff:+.2f}% (target within 1%): {verdict}")
+    print(f"relative difference (2 - 1) / |1|: {100 * diff:+.2f}%")
     last = model.history["train_loss"].iloc[-1]
     print(f"training -ELBO/cell at the last epoch, 2 processes: {last:.3f}")
 
