@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from pybivi.storage import shuffled_blocks
+
 __all__ = ["ShardedCells", "rank_and_world"]
 
 
@@ -53,8 +55,18 @@ class ShardedCells:
         self.epoch = 0
 
     def share(self, epoch: int) -> np.ndarray:
-        """Rows this process trains on in ``epoch`` (equal, disjoint shares over processes)."""
-        order = np.random.default_rng([self.seed, int(epoch)]).permutation(self.indices)
+        """Rows this process trains on in ``epoch`` (equal, disjoint shares over processes).
+
+        The cells are shuffled one by one, or, when the data's ``block_size`` is set (the
+        default on disk), as shuffled blocks of contiguous rows (:func:`~pybivi.storage.
+        shuffled_blocks`), so that each group of loaded blocks is read in a few runs.
+        """
+        rng = np.random.default_rng([self.seed, int(epoch)])
+        block_size = getattr(self.cells, "block_size", None)
+        if block_size is None:
+            order = rng.permutation(self.indices)
+        else:
+            order = shuffled_blocks(self.indices, int(block_size), self.cells.load_blocks, rng)
         rank, world = rank_and_world(self.plan)
         if world == 1:
             return order

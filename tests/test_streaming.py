@@ -99,6 +99,30 @@ def test_block_shuffled_training_is_the_same_in_memory_and_on_disk(make_adata, t
     np.testing.assert_allclose(again.history["train_loss"], memory.history["train_loss"])
 
 
+def test_training_minibatches_follow_the_block_shuffle(make_adata):
+    """Each epoch's minibatches hold the cells of a few contiguous blocks, not random cells."""
+    from pybivi.training_data import ShardedCells
+
+    adata = make_adata(n_cells=400, sparse=True)
+    pybivi.ContrastiveVI.setup_anndata(adata)
+    model = pybivi.ContrastiveVI(adata, n_hidden=16, seed=0)
+    cells = model._cells
+    indices = np.arange(0, 400)
+    sharded = ShardedCells(cells, indices, batch_size=40, seed=3, plan=None)
+    np.testing.assert_array_equal(np.sort(sharded.share(0)), indices)
+    # Single cells: a window of 40 cells spans almost the whole range of rows.
+    cells.block_size = None
+    spans = [np.ptp(w) for w in np.split(sharded.share(0), 10)]
+    assert min(spans) > 200
+    # Blocks of 20 rows, 2 loaded at a time: every 40 cells come from two blocks.
+    cells.block_size, cells.load_blocks = 20, 2
+    for epoch in (0, 1):
+        order = sharded.share(epoch)
+        for window in np.split(order, 10):
+            assert len(np.unique(window // 20)) == 2
+    assert not np.array_equal(sharded.share(0), sharded.share(1))
+
+
 def test_shuffled_blocks_cover_each_cell_once_in_contiguous_blocks():
     rng = np.random.default_rng(0)
     cells = np.sort(rng.choice(1000, size=700, replace=False))
