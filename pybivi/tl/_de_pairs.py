@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from pybivi.tl._de_sources import (
@@ -36,6 +37,25 @@ from pybivi.tl.bayes_factors import (
 )
 
 __all__ = ["kinetic_pairs", "mean_pairs"]
+
+
+def _sampler_and_masks(
+    model_or_idata: Any,
+    groupby: str,
+    group: str | Sequence[str] | None,
+    reference: str,
+    n_samples: int,
+    batch_size: int,
+    seed: int,
+    decode: DecodeSettings,
+) -> tuple[Sampler, np.ndarray, dict[str, np.ndarray]]:
+    """The draws' sampler and the reference's and groups' cells, thinned by their weights."""
+    sampler = Sampler(
+        model_or_idata, groupby, n_samples, seed, batch_size, decode.transform_batch
+    )
+    ref_mask, masks = group_masks(sampler.labels, sampler.is_control, group, reference, groupby)
+    ref_mask, masks = thin_masks(ref_mask, masks, decode.cell_weights, seed)
+    return sampler, ref_mask, masks
 
 
 def kinetic_pairs(
@@ -60,12 +80,10 @@ def kinetic_pairs(
     (all cells for ``None``) and decoded at ``decode.transform_batch``; see
     :func:`pybivi.tl.de.kinetic` for the other arguments.
     """
-    sampler = Sampler(
-        model_or_idata, groupby, n_samples, seed, batch_size, decode.transform_batch
+    sampler, ref_mask, masks = _sampler_and_masks(
+        model_or_idata, groupby, group, reference, n_samples, batch_size, seed, decode
     )
     names = tuple(params) if params is not None else default_kinetic_params(model_or_idata)
-    ref_mask, masks = group_masks(sampler.labels, sampler.is_control, group, reference, groupby)
-    ref_mask, masks = thin_masks(ref_mask, masks, decode.cell_weights, seed)
     ref_samples = sampler(ref_mask, names, salt=0)
     profiles = {}
     if normalize == "median_ratio":
@@ -117,11 +135,9 @@ def mean_pairs(
     (all cells for ``None``) and decoded at ``decode.transform_batch``; see
     :func:`pybivi.tl.de.mean` for the other arguments.
     """
-    sampler = Sampler(
-        model_or_idata, groupby, n_samples, seed, batch_size, decode.transform_batch
+    sampler, ref_mask, masks = _sampler_and_masks(
+        model_or_idata, groupby, group, reference, n_samples, batch_size, seed, decode
     )
-    ref_mask, masks = group_masks(sampler.labels, sampler.is_control, group, reference, groupby)
-    ref_mask, masks = thin_masks(ref_mask, masks, decode.cell_weights, seed)
     ref_scales = sampler(ref_mask, ["rho_mature"], salt=0)["rho_mature"]
     observed = None
     if pseudocounts is None and not is_idata(model_or_idata):
