@@ -133,6 +133,11 @@ def embedding_grid(
         _scatter(ax, np.asarray(coords), np.asarray(labels).astype(str), title, highlight)
     for ax in axes.flat[len(panels) :]:
         ax.axis("off")
+    return _finish(fig, path)
+
+
+def _finish(fig: Any, path: str | Path | None) -> Any:
+    """Lay ``fig`` out, write it to ``path`` when one is given, and return it."""
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)
@@ -176,10 +181,7 @@ def _bar_chart(
     if legend:
         ax.legend(fontsize=7, frameon=False, ncol=2)
     ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-    return fig
+    return _finish(fig, path)
 
 
 def metric_bars(
@@ -306,7 +308,4 @@ def truth_scatter(
         ax.set_ylabel("estimated log2 change")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7, frameon=False)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-    return fig
+    return _finish(fig, path)
