@@ -351,13 +351,14 @@ def run_seed(args: argparse.Namespace, seed: int) -> tuple[pd.DataFrame, dict]:
     kw = dict(groupby="program", group=programs, seed=seed, method=args.method,
               normalize=args.normalize)
     if args.method == "group":
-        kw.update(estimate=args.estimate, delta=args.delta, fdr_target=args.fdr)
+        kw.update(estimate=args.estimate, delta=args.delta, fdr_target=args.fdr,
+                  shrink=args.shrink)
     else:
         kw.update(n_samples=args.samples)
     t0 = time.perf_counter()
     table = de.kinetic(model, **kw)
     seconds = time.perf_counter() - t0
-    mean_kw = {k: v for k, v in kw.items() if k not in ("normalize", "estimate")}
+    mean_kw = {k: v for k, v in kw.items() if k not in ("normalize", "estimate", "shrink")}
     if args.method == "pairs":
         mean_kw.pop("delta", None)
     mean_table = de.mean(model, **mean_kw)
@@ -389,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-salient", type=int, default=None,
                         help="salient dimensions (default: the model's, 10 as in the paper)")
     parser.add_argument("--normalize", choices=("median_ratio",), default=None)
+    parser.add_argument("--shrink", choices=("joint", "separate"), default="joint",
+                        help="group test: one prior over both parameters of a gene "
+                        "(default) or one per parameter")
     parser.add_argument("--refit", action="store_true")
     parser.add_argument("--frequency-init", default="auto", choices=("auto", "data", "random"),
                         help="how the decoder starts (see the model classes)")
@@ -407,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         scores.insert(0, "seed", seed)
         all_scores.append(scores)
         print(f"\nseed {seed}: de.kinetic ({args.method}, estimate {args.estimate}, delta "
-              f"{args.delta if args.delta is not None else 'default'}, fdr {args.fdr}) on "
+              f"{args.delta if args.delta is not None else 'default'}, fdr {args.fdr}"
+              f"{', shrink ' + args.shrink if args.method == 'group' else ''}) on "
               f"{extra['n_cells']} cells x {extra['n_genes']} genes, "
               f"{len(extra['programs'])} programs: {extra['seconds']:.1f} s")
         print(scores.drop(columns="seed").round(3).to_string(index=False))
@@ -441,7 +446,7 @@ def delta_sweep(args: argparse.Namespace, extra: dict) -> pd.DataFrame:
     for delta in args.delta_sweep:
         kw = dict(groupby="program", group=extra["programs"], seed=args.seed,
                   estimate=args.estimate, delta=delta, fdr_target=args.fdr,
-                  normalize=args.normalize)
+                  normalize=args.normalize, shrink=args.shrink)
         table = de.kinetic(extra["model"], **kw)
         mean_table = de.mean(extra["model"], groupby="program", group=extra["programs"],
                              seed=args.seed, delta=delta, fdr_target=args.fdr)

@@ -25,7 +25,7 @@ import numpy as np
 
 from pybivi.tl._de_sources import is_idata
 
-__all__ = ["batch_codes_of", "split_by_batch", "stratified_compare"]
+__all__ = ["batch_codes_of", "split_by_batch", "stratified_compare", "stratified_cross"]
 
 
 def batch_codes_of(source: Any) -> np.ndarray | None:
@@ -84,3 +84,38 @@ def stratified_compare(
     known = total_weight > 0
     safe = np.where(known, total_weight, 1.0)
     return np.where(known, weighted / safe, 0.0), np.where(known, 1.0 / np.sqrt(safe), unknown_se)
+
+
+def stratified_cross(
+    estimates: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
+    cross: Mapping[str, Mapping[tuple[str, str], np.ndarray]],
+    a: str,
+    b: str,
+    pair: tuple[str, str],
+    n_batches: int,
+    unknown_se: float,
+) -> np.ndarray:
+    """Covariance of two parameters' :func:`stratified_compare` lfcs of ``a`` vs ``b``.
+
+    Each parameter's lfc is ``sum_j w_pj lfc_pj / W_p`` with ``w_pj = 1 / se_pj^2``; the
+    within-batch lfcs of different batches are independent, so the covariance is
+    ``sum_j w_pj w_qj c_j / (W_p W_q)``, with ``c_j`` the two sets' summed sampling
+    covariances in batch ``j`` (``cross``, keyed like ``estimates``).
+    """
+    p, q = pair
+    total = {p: 0.0, q: 0.0}
+    weighted = 0.0
+    for j in range(n_batches):
+        ka, kb = f"{a}@{j}", f"{b}@{j}"
+        if ka not in estimates or kb not in estimates:
+            continue
+        weight = {}
+        for name in (p, q):
+            var = estimates[ka][name][1] + estimates[kb][name][1]
+            known = np.isfinite(var) & (np.sqrt(np.where(np.isfinite(var), var, 0.0)) < unknown_se)
+            weight[name] = np.where(known, 1.0 / np.maximum(np.where(known, var, 1.0), 1e-12), 0.0)
+            total[name] = total[name] + weight[name]
+        c = cross[ka][pair] + cross[kb][pair]
+        weighted = weighted + weight[p] * weight[q] * np.where(np.isfinite(c), c, 0.0)
+    denominator = np.asarray(total[p] * total[q])
+    return np.where(denominator > 0, weighted / np.where(denominator > 0, denominator, 1.0), 0.0)

@@ -29,6 +29,7 @@ Everything streams one minibatch of cells at a time; memory holds per-set sums o
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,7 +37,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pybivi.tl._de_batches import batch_codes_of, split_by_batch, stratified_compare
+from pybivi.tl._de_batches import (
+    batch_codes_of,
+    split_by_batch,
+    stratified_compare,
+    stratified_cross,
+)
+from pybivi.tl._de_calls import UNKNOWN_SE, CallSettings, joint_calls, separate_calls
 from pybivi.tl._de_sources import Sampler, default_kinetic_params, group_masks, scheme_and_theta
 from pybivi.tl._de_streams import (
     DecodeSettings,
@@ -45,13 +52,6 @@ from pybivi.tl._de_streams import (
     pseudobulk_moments,
 )
 from pybivi.tl._de_weights import effective_sizes, restrict_masks
-from pybivi.tl._shrinkage import (
-    HALF_COUNT,
-    fdr_calls,
-    normal_mixture_tails,
-    shrink_lfc,
-    three_way_test,
-)
 from pybivi.tl.bayes_factors import combined_call
 
 __all__ = ["ESTIMATES", "GROUP_DELTA", "group_test"]
@@ -61,8 +61,10 @@ ESTIMATES = ("observed", "decoded")
 #: (log2 units), chosen by measurement: see the user guide, "Kinetic calls".
 GROUP_DELTA = 0.5
 _LN2 = float(np.log(2.0))
-# Standard error given to a gene a set never expresses: its lfc is unknown.
-_UNKNOWN_SE = 10.0
+#: Values of ``shrink``: ``True`` (joint when there are several parameters), "joint",
+#: "separate" (one prior per parameter) and ``False`` (a flat prior).
+SHRINKAGE = (True, False, "joint", "separate")
+
 
 
 def _kinetic_map(scheme: Any, theta: np.ndarray, params: Sequence[str]) -> Callable:
@@ -104,24 +106,30 @@ def _kinetic_map(scheme: Any, theta: np.ndarray, params: Sequence[str]) -> Calla
 
 def _observed_estimates(
     moments: dict[str, np.ndarray], params: Sequence[str], kinetic: Callable | None
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per parameter: log2 value and the sampling variance of it, from the moments."""
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[tuple[str, str], np.ndarray]]:
+    """Per parameter: log2 value and its sampling variance, from the moments; and per
+    pair of parameters the sampling covariance of their log2 values (delta method)."""
     with np.errstate(divide="ignore"):
         if kinetic is None:  # normalised mature expression only
             value = np.log2(moments["mean_mature"])
-            return {p: (value, moments["var_log_mature"] / _LN2**2) for p in params}
+            return {p: (value, moments["var_log_mature"] / _LN2**2) for p in params}, {}
         log_n, log_m = np.log(moments["mean_nascent"]), np.log(moments["mean_mature"])
     mapped = kinetic(np.nan_to_num(log_n, neginf=0.0), np.nan_to_num(log_m, neginf=0.0))
+
+    def covariance(p: str, q: str) -> np.ndarray:
+        (_, dn_p, dm_p), (_, dn_q, dm_q) = mapped[p], mapped[q]
+        return (
+            dn_p * dn_q * moments["var_log_nascent"]
+            + dm_p * dm_q * moments["var_log_mature"]
+            + (dn_p * dm_q + dm_p * dn_q) * moments["cov_log"]
+        ) / _LN2**2
+
     out = {}
     for p, (value, dn, dm) in mapped.items():
-        var = (
-            dn**2 * moments["var_log_nascent"]
-            + dm**2 * moments["var_log_mature"]
-            + 2 * dn * dm * moments["cov_log"]
-        ) / _LN2**2
         unknown = (~np.isfinite(log_n) & (dn != 0)) | (~np.isfinite(log_m) & (dm != 0))
-        out[p] = (np.where(unknown, np.nan, value), np.where(unknown, np.nan, var))
-    return out
+        out[p] = (np.where(unknown, np.nan, value), np.where(unknown, np.nan, covariance(p, p)))
+    cross = {(p, q): covariance(p, q) for p, q in itertools.combinations(params, 2)}
+    return out, cross
 
 
 def _compare(
@@ -133,51 +141,8 @@ def _compare(
     lfc = a[0] - b[0]
     se = np.sqrt(a[1] + b[1] + extra_var)
     unknown = ~np.isfinite(lfc) | ~np.isfinite(se)
-    se = np.where(unknown, _UNKNOWN_SE, np.maximum(se, 1e-6))
+    se = np.where(unknown, UNKNOWN_SE, np.maximum(se, 1e-6))
     return np.where(unknown, 0.0, lfc), se
-
-
-def _three_way(
-    lfc: np.ndarray,
-    se: np.ndarray,
-    delta: float,
-    *,
-    shrink: bool,
-    normalize: str | None,
-    n_posterior: int,
-    credible_mass: float,
-    fdr_target: float | None,
-    bf_threshold: float,
-    rng: np.random.Generator,
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    if normalize == "median_ratio":
-        lfc = lfc - np.median(lfc[se < _UNKNOWN_SE]) if np.any(se < _UNKNOWN_SE) else lfc
-    if shrink:
-        draws, fit = shrink_lfc(lfc, se, n_draws=n_posterior, seed=rng)
-        weights, means, sds = fit["posterior_weights"], fit["component_means"], fit["component_sds"]
-    else:
-        draws = lfc + se * rng.standard_normal((n_posterior, lfc.size))
-        weights, means, sds = np.ones((lfc.size, 1)), lfc[:, None], se[:, None]
-    res = three_way_test(draws, delta, credible_mass)
-    # The probabilities exactly, from the posterior's normal mixture; the draws give the
-    # lfc summaries and the credible interval.
-    up, down = normal_mixture_tails(weights, means, sds, delta)
-    p_de = np.minimum(up + down, 1.0)
-    half = HALF_COUNT / n_posterior  # as with draws: the Bayes factor stays finite
-    res.update(
-        proba_up=up,
-        proba_down=down,
-        proba_de=p_de,
-        proba_null=1.0 - p_de,
-        bayes_factor=(p_de + half) / (1.0 - p_de + half),
-    )
-    res["log_bayes_factor"] = np.log(res["bayes_factor"])
-    res["lfc_estimate"], res["lfc_se"] = lfc, se
-    if fdr_target is None:
-        calls = res["bayes_factor"] > bf_threshold
-    else:
-        calls = fdr_calls(res["proba_de"], fdr_target)
-    return res, calls
 
 
 _COLUMNS = (
@@ -208,7 +173,7 @@ def group_test(
     estimate: str = "observed",
     delta: float = GROUP_DELTA,
     fdr_target: float | None = 0.05,
-    shrink: bool = True,
+    shrink: bool | str = True,
     aggregate: str = "pseudobulk",
     n_draws: int = 100,
     n_posterior: int = 1000,
@@ -241,6 +206,8 @@ def group_test(
         raise ValueError(f"estimate must be one of {ESTIMATES}, not {estimate!r}")
     if null_repeats < 0:
         raise ValueError(f"null_repeats must be >= 0, got {null_repeats}")
+    if shrink not in SHRINKAGE:
+        raise ValueError(f"shrink must be one of {SHRINKAGE}, not {shrink!r}")
     if not delta >= 0:
         raise ValueError(f"delta must be >= 0, got {delta}")
     decode = DecodeSettings() if decode is None else decode
@@ -268,19 +235,24 @@ def group_test(
     codes = batch_codes_of(source) if estimate == "observed" else None
     counted = sets if codes is None else split_by_batch(sets, codes)
     moments = pseudobulk_moments(source, counted, batch_size, weights=cell_weights)
-    observed = {k: _observed_estimates(m, names, kinetic) for k, m in moments.items()}
+    observed, cross = {}, {}
+    for k, m in moments.items():
+        observed[k], cross[k] = _observed_estimates(m, names, kinetic)
+    n_batches = 0 if codes is None else int(codes.max()) + 1
     decoded = None
     if estimate == "decoded":
-        decoded = _decoded_estimates(
+        decoded, decoded_cross = _decoded_estimates(
             source, sets, names, kind, kinetic, aggregate, n_draws, batch_size, seed, decode
         )
+        cross.update({f"decoded:{k}": c for k, c in decoded_cross.items()})
     elif decode.transform_batch is not None:
         raise ValueError(
             "transform_batch= applies to decoded quantities: use estimate='decoded' (the "
             "observed test already compares within batches)"
         )
-    settings = dict(
-        shrink=shrink,
+    settings = CallSettings(
+        delta,
+        shrink=bool(shrink),
         normalize=normalize,
         n_posterior=n_posterior,
         credible_mass=credible_mass,
@@ -288,28 +260,46 @@ def group_test(
         bf_threshold=bf_threshold,
         rng=rng,
     )
+    joint = shrink in (True, "joint") and len(names) > 1
 
-    def observed_compare(a: str, b: str, p: str) -> tuple[np.ndarray, np.ndarray]:
-        if codes is None:
-            return _compare(observed[a][p], observed[b][p])
-        n_batches = int(codes.max()) + 1
-        return stratified_compare(observed, a, b, p, n_batches, _compare, _UNKNOWN_SE)
-
-    def compare(a: str, b: str, p: str):
-        if decoded is None:
-            lfc, se = observed_compare(a, b, p)
-        else:
+    def estimate_lfc(a: str, b: str, p: str) -> tuple[np.ndarray, np.ndarray]:
+        if decoded is not None:
             # The draws' spread plus the cells' sampling variance of the observed means.
             sampling = observed[a][p][1] + observed[b][p][1]
             sampling = np.where(np.isfinite(sampling), sampling, 0.0)
-            lfc, se = _compare(decoded[a][p], decoded[b][p], sampling)
-        return _three_way(lfc, se, delta, **settings)
+            return _compare(decoded[a][p], decoded[b][p], sampling)
+        if codes is None:
+            return _compare(observed[a][p], observed[b][p])
+        return stratified_compare(observed, a, b, p, n_batches, _compare, UNKNOWN_SE)
+
+    def estimate_cov(a: str, b: str, p: str, q: str) -> np.ndarray:
+        if codes is not None and decoded is None:
+            return stratified_cross(observed, cross, a, b, (p, q), n_batches, UNKNOWN_SE)
+        sets = (a, b) if decoded is None else (a, b, f"decoded:{a}", f"decoded:{b}")
+        total = sum(cross[k][(p, q)] for k in sets)
+        return np.where(np.isfinite(total), total, 0.0)
+
+    def compare(a: str, b: str) -> dict[str, tuple[dict[str, np.ndarray], np.ndarray]]:
+        estimates = {p: estimate_lfc(a, b, p) for p in names}
+        if not joint:
+            return {p: separate_calls(*estimates[p], settings) for p in names}
+        lfc = np.stack([estimates[p][0] for p in names], 1)
+        se = np.stack([estimates[p][1] for p in names], 1)
+        cov = np.zeros(lfc.shape + (len(names),))
+        for i, j in itertools.combinations(range(len(names)), 2):
+            # Unknown genes (either se at UNKNOWN_SE) keep independent errors.
+            known = (se[:, i] < UNKNOWN_SE) & (se[:, j] < UNKNOWN_SE)
+            c = np.where(known, estimate_cov(a, b, names[i], names[j]), 0.0)
+            # Correlations are kept inside (-1, 1), so every covariance stays invertible.
+            limit = 0.999 * se[:, i] * se[:, j]
+            cov[:, i, j] = cov[:, j, i] = np.clip(c, -limit, limit)
+        cov[:, range(len(names)), range(len(names))] = se**2
+        return joint_calls(lfc, cov, names, settings)
 
     null_rows = []
     for key in splits:
         g, r = key.rsplit("/", 1)
-        for p in names:
-            _, calls = compare(f"null:{key}", f"rest:{key}", p)
+        for p, (_, calls) in compare(f"null:{key}", f"rest:{key}").items():
             null_rows.append(
                 {
                     "group": g,
@@ -327,8 +317,7 @@ def group_test(
     for g in masks:
         cols: dict[str, Any] = {"group": g, "reference": reference}
         calls = {}
-        for p in names:
-            res, calls[p] = compare(f"group:{g}", "reference", p)
+        for p, (res, calls[p]) in compare(f"group:{g}", "reference").items():
             prefix = f"{p}_" if kind == "kinetic" else ""
             cols.update({f"{prefix}{c}": res[c] for c in _COLUMNS})
             cols[f"{prefix}is_de"] = calls[p]
@@ -348,8 +337,9 @@ def _decoded_estimates(
     source: Any, sets: dict[str, np.ndarray], names: Sequence[str], kind: str,
     kinetic: Callable | None, aggregate: str, n_draws: int, batch_size: int, seed: int,
     decode: DecodeSettings,
-) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Per set and parameter: mean and variance over the posterior draws of the log2 value."""
+) -> tuple[dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], dict[str, dict]]:
+    """Per set and parameter: mean and variance over the posterior draws of the log2 value;
+    and per set and pair of parameters, the covariance of the draws."""
     if kind == "mean":
         quantities: tuple[str, ...] = ("mean_mature",)
     elif aggregate == "pseudobulk":
@@ -366,7 +356,7 @@ def _decoded_estimates(
         seed=seed,
         decode=decode,
     )
-    out = {}
+    out, cross = {}, {}
     for k, d in draws.items():
         if kind == "mean":
             per = {"rho_mature": d["mean_mature"]}
@@ -376,7 +366,12 @@ def _decoded_estimates(
         else:
             per = d
         out[k] = {p: (v.mean(0), v.var(0)) for p, v in per.items()}
-    return out
+        centred = {p: v - v.mean(0) for p, v in per.items()}
+        cross[k] = {
+            (p, q): (centred[p] * centred[q]).mean(0)
+            for p, q in itertools.combinations(names, 2)
+        }
+    return out, cross
 
 
 def _warn_on_null(null: pd.DataFrame, fdr_target: float | None, delta: float) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 # The group-level maths lives in pybivi.tl.bayes_factors; re-exported here beside the pair tests.
+from pybivi.tl._joint_shrinkage import shrink_lfc_joint
 from pybivi.tl._shrinkage import (
     HALF_COUNT,
     as_samples,
@@ -29,6 +30,7 @@ __all__ = [
     "three_way_test",
     "fdr_calls",
     "shrink_lfc",
+    "shrink_lfc_joint",
     "normal_mixture_tails",
 ]
 

@@ -6,8 +6,9 @@ Two functions, each with two methods:
   bursty scheme the burst size ``b`` and the relative degradation rate ``gamma/k``)
   between each group and a reference. Default ``method="group"``: population-level
   parameters from each group's pseudo-bulk at the reference library, adaptive shrinkage
-  across genes, a three-way test at ``delta = 0.5`` and calls under posterior expected
-  FDR control, checked on control-versus-control splits (:mod:`pybivi.tl.de`).
+  across genes of each gene's parameter changes together, a three-way test at
+  ``delta = 0.5`` and calls under posterior expected FDR control, checked on
+  control-versus-control splits (:mod:`pybivi.tl.de`).
   ``method="pairs"``: biVI's procedure as in the ContrastiveBiVI paper (appendix E):
   pooled samples, random pairs, the Bayes factor of ``|lfc| >= delta`` against
   ``|lfc| < delta``, ``delta = 1``, call where ``BF > 3``.
@@ -21,9 +22,9 @@ Two functions, each with two methods:
 The maths lives in pure functions on arrays in :mod:`pybivi.tl.bayes_factors`
 (:func:`~pybivi.tl.bayes_factors.kinetic_bayes_factors`,
 :func:`~pybivi.tl.bayes_factors.change_bayes_factors`, ``three_way_test``, ``fdr_calls``,
-``shrink_lfc``), tested against analytic cases; the two methods draw or read the inputs
-(:mod:`pybivi.tl._de_sources`, :mod:`pybivi.tl._de_streams`) and assemble tables, the
-group method in :mod:`pybivi.tl._de_group` and the pairs method in
+``shrink_lfc``, ``shrink_lfc_joint``), tested against analytic cases; the two methods
+draw or read the inputs (:mod:`pybivi.tl._de_sources`, :mod:`pybivi.tl._de_streams`) and
+assemble tables, the group method in :mod:`pybivi.tl._de_group` and the pairs method in
 :mod:`pybivi.tl._de_pairs`. The functions here check the arguments, resolve the cell
 weights and choose the method.
 """
@@ -104,7 +105,7 @@ def kinetic(
     estimate: str = "observed",
     delta: float | None = None,
     fdr_target: float | None = 0.05,
-    shrink: bool = True,
+    shrink: bool | str = True,
     null_repeats: int = 3,
     aggregate: str = "pseudobulk",
     n_draws: int = 100,
@@ -171,10 +172,14 @@ def kinetic(
         parameter (:func:`~pybivi.tl.bayes_factors.fdr_calls`); ``None`` calls where the
         Bayes factor exceeds ``bf_threshold`` instead. Ignored by ``"pairs"``.
     shrink
-        ``"group"``: shrink the lfc with an empirical-Bayes prior fitted to all genes
-        (:func:`~pybivi.tl.bayes_factors.shrink_lfc`). ``False`` takes a flat prior, whose
-        posterior probabilities are not calibrated across genes (noisy silent genes
-        then look differential).
+        ``"group"``: shrink the lfc with an empirical-Bayes prior fitted to all genes.
+        ``True`` (default) or ``"joint"``: with two parameters or more, one prior over
+        each gene's vector of parameter changes, with their covariance
+        (:func:`~pybivi.tl.bayes_factors.shrink_lfc_joint`, multivariate adaptive
+        shrinkage, Urbut et al. 2019); ``"separate"``: one prior per parameter
+        (:func:`~pybivi.tl.bayes_factors.shrink_lfc`, Stephens 2017). ``False`` takes a
+        flat prior, whose posterior probabilities are not calibrated across genes (noisy
+        silent genes then look differential).
     null_repeats
         ``"group"``: control-versus-control splits per group (0: no null).
     aggregate
