@@ -209,6 +209,11 @@ def test_group_test_finds_planted_kinetic_changes_and_only_them():
     mean_calls = mean_table["is_de"].to_numpy()
     assert np.mean(mean_calls[20:60]) >= 0.9 and mean_calls[:20].sum() <= 1
     assert (table["burst_size_null_call_rate"] <= 0.05).all()
+    # One prior per parameter finds the same changes here, where every gene is well measured.
+    separate = de.kinetic(idata, groupby="program", seed=1, shrink="separate")
+    for p, true in (("burst_size", true_b), ("degradation_rate", true_g)):
+        called = separate[f"{p}_is_de"].to_numpy()
+        assert np.mean(true[called]) >= 0.9 and np.mean(called[true]) >= 0.9
     null = table.attrs["null_call_rates"]
     assert len(null) == 3 * 2 and (null["n_cells"] == 300).all()
 
@@ -248,6 +253,8 @@ def test_group_test_errors():
         de.kinetic(idata, groupby="program", method="nope")
     with pytest.raises(ValueError, match="delta"):
         de.kinetic(idata, groupby="program", delta=-1.0)
+    with pytest.raises(ValueError, match="shrink"):
+        de.kinetic(idata, groupby="program", shrink="nope")
     # beta/k is one value per gene: testing it under no_grad gives no call, not an error.
     import torch
 
