@@ -17,6 +17,7 @@ from pybivi.tl._joint_shrinkage import shrink_lfc_joint
 from pybivi.tl._shrinkage import (
     HALF_COUNT,
     fdr_calls,
+    mixture_draws,
     normal_mixture_tails,
     shrink_lfc,
     three_way_test,
@@ -58,17 +59,6 @@ class CallSettings:
             return lfc
         known = se < UNKNOWN_SE
         return lfc - np.median(lfc[known]) if np.any(known) else lfc
-
-
-def _mixture_draws(
-    weights: np.ndarray, means: np.ndarray, sds: np.ndarray, n: int, rng: np.random.Generator
-) -> np.ndarray:
-    """``n`` draws per gene of normal mixtures ``(n_genes, n_components)`` -> ``(n, n_genes)``."""
-    u = rng.random((n, weights.shape[0]))
-    component = (u[..., None] > np.cumsum(weights, axis=1)[None]).sum(-1)
-    component = np.minimum(component, weights.shape[1] - 1)
-    genes = np.arange(weights.shape[0])[None, :]
-    return means[genes, component] + sds[genes, component] * rng.standard_normal(u.shape)
 
 
 def _summarise(
@@ -132,6 +122,6 @@ def joint_calls(
     for i, p in enumerate(params):
         means, sds = fit["component_means"][..., i], fit["component_sds"][..., i]
         rng = np.random.default_rng(settings.rng.integers(2**32))
-        draws = _mixture_draws(weights, means, sds, settings.n_posterior, rng)
+        draws = mixture_draws(weights, means, sds, settings.n_posterior, rng)
         out[p] = _summarise(draws, weights, means, sds, lfc[:, i], se[:, i], settings)
     return out

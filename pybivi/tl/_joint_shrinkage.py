@@ -27,6 +27,8 @@ import itertools
 
 import numpy as np
 
+from pybivi.tl._shrinkage import fit_mixture_weights
+
 __all__ = ["covariance_patterns", "shrink_lfc_joint"]
 
 
@@ -119,24 +121,7 @@ def shrink_lfc_joint(
     prior_covs = prior_covs.reshape(-1, n_params, n_params)
     prior_covs = np.concatenate([np.zeros((1, n_params, n_params)), prior_covs])
     total = prior_covs[None] + v[:, None]
-    log_lik = _gaussian_loglik(x, total)
-    log_lik -= log_lik.max(axis=1, keepdims=True)
-    lik = np.exp(log_lik)
-    n_comp = prior_covs.shape[0]
-    weights = np.full(n_comp, 1.0 / n_comp)
-    penalty = np.zeros(n_comp)
-    penalty[0] = null_weight - 1.0
-    for _ in range(max_iter):
-        post = lik * weights
-        post /= post.sum(axis=1, keepdims=True)
-        new = post.sum(axis=0) + penalty
-        new /= new.sum()
-        done = np.max(np.abs(new - weights)) < 1e-8
-        weights = new
-        if done:
-            break
-    post = lik * weights
-    post /= post.sum(axis=1, keepdims=True)
+    weights, post = fit_mixture_weights(_gaussian_loglik(x, total), null_weight, max_iter)
     # Component posteriors: mean T (T + V)^-1 x and covariance T - T (T + V)^-1 T, which
     # hold for a singular prior covariance T (a pattern of rank one) too.
     gain = np.linalg.solve(total, np.broadcast_to(prior_covs[None], total.shape))

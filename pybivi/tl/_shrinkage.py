@@ -19,6 +19,8 @@ __all__ = [
     "fdr_calls",
     "shrink_lfc",
     "normal_mixture_tails",
+    "fit_mixture_weights",
+    "mixture_draws",
 ]
 
 #: Half count added to both sides of a Bayes factor computed from draws, so that one with
@@ -187,32 +189,11 @@ def shrink_lfc(
     scales = np.concatenate([[0.0], low * np.sqrt(2.0) ** np.arange(n_grid)])
     var = s[:, None] ** 2 + scales[None, :] ** 2
     log_lik = _normal_logpdf(b[:, None], var)
-    log_lik -= log_lik.max(axis=1, keepdims=True)
-    lik = np.exp(log_lik)
-    prior = np.full(scales.size, 1.0 / scales.size)
-    penalty = np.zeros(scales.size)
-    penalty[0] = null_weight - 1.0
-    for _ in range(max_iter):
-        post = lik * prior
-        post /= post.sum(axis=1, keepdims=True)
-        new = post.sum(axis=0) + penalty
-        new /= new.sum()
-        done = np.max(np.abs(new - prior)) < 1e-8
-        prior = new
-        if done:
-            break
-    post = lik * prior
-    post /= post.sum(axis=1, keepdims=True)
+    prior, post = fit_mixture_weights(log_lik, null_weight, max_iter)
     shrink = scales[None, :] ** 2 / var
     mean_k = b[:, None] * shrink
     sd_k = np.sqrt(shrink * s[:, None] ** 2)
-    rng = np.random.default_rng(seed)
-    # One mixture component per draw and gene, then a normal draw within it.
-    u = rng.random((n_draws, b.size))
-    component = (u[..., None] > np.cumsum(post, axis=1)[None]).sum(-1)
-    component = np.minimum(component, scales.size - 1)
-    genes = np.arange(b.size)[None, :]
-    draws = mean_k[genes, component] + sd_k[genes, component] * rng.standard_normal(u.shape)
+    draws = mixture_draws(post, mean_k, sd_k, n_draws, np.random.default_rng(seed))
     fit = {
         "scales": scales,
         "weights": prior,
@@ -222,6 +203,44 @@ def shrink_lfc(
         "component_sds": sd_k,
     }
     return draws, fit
+
+
+def fit_mixture_weights(
+    log_lik: np.ndarray, null_weight: float, max_iter: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Maximum-likelihood mixture weights of a prior whose first component is the null.
+
+    ``log_lik`` is ``(n_genes, n_components)``: each gene's log-likelihood under each
+    component. EM from uniform weights, with a Dirichlet(``null_weight``, 1, ...) penalty
+    on the first component (ash's). Returns the weights and each gene's posterior weights.
+    """
+    lik = np.exp(log_lik - log_lik.max(axis=1, keepdims=True))
+    weights = np.full(lik.shape[1], 1.0 / lik.shape[1])
+    penalty = np.zeros(lik.shape[1])
+    penalty[0] = null_weight - 1.0
+    for _ in range(max_iter):
+        post = lik * weights
+        post /= post.sum(axis=1, keepdims=True)
+        new = post.sum(axis=0) + penalty
+        new /= new.sum()
+        done = np.max(np.abs(new - weights)) < 1e-8
+        weights = new
+        if done:
+            break
+    post = lik * weights
+    return weights, post / post.sum(axis=1, keepdims=True)
+
+
+def mixture_draws(
+    weights: np.ndarray, means: np.ndarray, sds: np.ndarray, n: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``n`` draws per gene of normal mixtures given as ``(n_genes, n_components)`` arrays:
+    one component per draw and gene, then a normal draw within it; ``(n, n_genes)``."""
+    u = rng.random((n, weights.shape[0]))
+    component = (u[..., None] > np.cumsum(weights, axis=1)[None]).sum(-1)
+    component = np.minimum(component, weights.shape[1] - 1)
+    genes = np.arange(weights.shape[0])[None, :]
+    return means[genes, component] + sds[genes, component] * rng.standard_normal(u.shape)
 
 
 def normal_mixture_tails(
