@@ -75,6 +75,8 @@ from pybivi.nn import FrequencyDecoder, GaussianEncoder
 
 LIKELIHOODS = ("cme", "nb", "zinb")
 SALIENT_PRIORS = ("label", "standard", "mixture")
+# Logit of a responder share that is 0 for all purposes (controls under the mixture prior).
+CERTAIN_LOGIT = 30.0
 
 
 def _library(library: Tensor | float, like: Tensor) -> Tensor:
@@ -272,8 +274,29 @@ class ContrastiveModule(CovariateInjection, ResponderMixture, nn.Module):
         label = self._salient_label(batch)
         loc = self.salient_means[label]
         if self.salient_prior_kind == "mixture":
-            return responder_escaper_mixture(loc, self.responder_logits[label])
+            # Controls are escapers for certain: their t follows the escaper component.
+            logit = torch.where(
+                batch["is_control"],
+                torch.full_like(self.responder_logits[label], -CERTAIN_LOGIT),
+                self.responder_logits[label],
+            )
+            return responder_escaper_mixture(loc, logit)
         return dist.Normal(loc, torch.ones_like(loc)).to_event(1)
+
+    def salient_mask(self, batch: dict[str, Tensor]) -> Tensor | bool:
+        """Cells whose ``t`` enters the ELBO: perturbed cells, or every cell with
+        ``salient_prior="mixture"``.
+
+        With the mixture, a control's ``t`` is drawn from the escaper component
+        ``Normal(0, I)`` and not decoded (the decoder still sees ``t = 0``), so it leaves
+        the likelihood unchanged; its KL term teaches ``q(t | x)`` to place cells that
+        look like controls at 0, where the escaper component sits. Without it the
+        encoder is never asked where control-like cells go, and escapers of programs
+        with small salient means get middling responder probabilities.
+        """
+        if self.salient_prior_kind == "mixture":
+            return True
+        return ~batch["is_control"]
 
     def likelihood_dist(self, decoded: dict[str, Tensor]) -> dist.Distribution:
         """Law of one cell's counts given the decoder output (event over genes)."""
@@ -342,7 +365,7 @@ class ContrastiveModule(CovariateInjection, ResponderMixture, nn.Module):
                 z = pyro.sample("z", self.background_prior(batch))
                 t = None
                 if self.n_salient:
-                    with poutine.mask(mask=~control):
+                    with poutine.mask(mask=self.salient_mask(batch)):
                         t = pyro.sample("t", self.salient_prior(batch))
                     # The one place of the control rule: controls have t = 0 exactly (a point
                     # mass), whatever was drawn; torch.where also blocks their gradient to q(t).
@@ -372,6 +395,6 @@ class ContrastiveModule(CovariateInjection, ResponderMixture, nn.Module):
         with self._plate(batch), poutine.scale(scale=kl_weight):
             z = pyro.sample("z", dist.Normal(*params["z"]).to_event(1))
             if self.n_salient:
-                with poutine.mask(mask=~batch["is_control"]):
+                with poutine.mask(mask=self.salient_mask(batch)):
                     pyro.sample("t", dist.Normal(*params["t"]).to_event(1))
         return z

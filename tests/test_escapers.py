@@ -72,6 +72,33 @@ def test_responder_probability_is_bayes_rule_and_zero_for_controls():
     torch.testing.assert_close(module.responder_probability(t, batch), expected)
 
 
+def test_controls_are_certain_escapers_of_the_mixture_prior():
+    from pyro import poutine
+
+    torch.manual_seed(2)
+    module = ContrastiveModule(5, 3, 10, n_salient=2, likelihood="nb", salient_prior="mixture")
+    with torch.no_grad():
+        module.salient_means.normal_()
+        module.responder_logits.fill_(2.0)
+    batch = _batch(module)
+    batch["library_mature"] = torch.full((6,), 5.0)
+    guide = poutine.trace(module.guide).get_trace(batch)
+    model = poutine.trace(poutine.replay(module.model, trace=guide)).get_trace(batch)
+    t, control = guide.nodes["t"]["value"], batch["is_control"]
+    # Every cell's t enters the ELBO; a control's prior is the escaper component N(0, I) ...
+    assert model.nodes["t"]["mask"] is True and guide.nodes["t"]["mask"] is True
+    escaper = dist.Normal(torch.zeros(2), 1.0).to_event(1).log_prob(t)
+    got = model.nodes["t"]["fn"].log_prob(t)
+    torch.testing.assert_close(got[control], escaper[control], atol=1e-5, rtol=0)
+    assert not torch.allclose(got[~control], escaper[~control])
+    # ... and the decoder still sees t = 0 for controls.
+    assert torch.all(model.nodes["salient"]["value"][control] == 0)
+    # The paper's prior keeps the controls' t out of the ELBO.
+    label = ContrastiveModule(5, 3, 10, n_salient=2, likelihood="nb")
+    guide = poutine.trace(label.guide).get_trace(batch)
+    assert torch.equal(guide.nodes["t"]["mask"], ~control)
+
+
 def test_normal_prior_module_is_unchanged(make_adata):
     adata = make_adata()
     pybivi.ContrastiveBiVI.setup_anndata(adata)
@@ -100,6 +127,14 @@ def test_escapers_are_detected_on_a_planted_screen():
     assert np.all((prob >= 0) & (prob <= 1))
     auroc = roc_auc_score(adata.obs["responder"][~control], prob[~control])
     assert auroc > 0.8
+    # The encoder places control cells near the escaper component's centre, 0, far closer
+    # than the responders sit to theirs.
+    with torch.no_grad():
+        batch = next(model.make_batches(batch_size=adata.n_obs))
+        loc = model.module.encode(batch)["t"][0].numpy()
+    responders = adata.obs["responder"].to_numpy(bool) & ~control
+    norm = np.linalg.norm(loc, axis=1)
+    assert np.median(norm[control]) < 0.5 * np.median(norm[responders])
     # Rows follow indices: the controls among them get exactly 0, the others do not.
     rows = np.r_[np.flatnonzero(~control)[:3], np.flatnonzero(control)[:2]]
     some = model.get_perturbation_probability(indices=rows, n_samples=10)
