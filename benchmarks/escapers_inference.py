@@ -48,9 +48,10 @@ class EnumeratedEscapers(ContrastiveModule):
 
     def salient_prior(self, batch):
         label = self._salient_label(batch)
+        # As in the shipped mixture: controls are escapers for certain.
         responder = pyro.sample(
             "responder",
-            dist.Bernoulli(logits=self.responder_logits[label]),
+            dist.Bernoulli(logits=self.responder_logit(batch, label)),
             infer={"enumerate": "parallel"},
         )
         loc = responder.unsqueeze(-1) * self.salient_means[label]

@@ -14,7 +14,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["ResponderMixture", "responder_escaper_mixture"]
+__all__ = ["CERTAIN_LOGIT", "ResponderMixture", "responder_escaper_mixture"]
+
+# Logit of a responder share that is 0 for all purposes (controls under the mixture prior).
+CERTAIN_LOGIT = 30.0
 
 
 def responder_escaper_mixture(loc: Tensor, responder_logit: Tensor) -> dist.Distribution:
@@ -34,6 +37,27 @@ class ResponderMixture:
     The host module provides ``salient_prior_kind``, ``n_salient``, ``salient_means``,
     ``responder_logits`` and ``_salient_label(batch)``.
     """
+
+    def salient_mask(self, batch: dict[str, Tensor]) -> Tensor | bool:
+        """Cells whose ``t`` enters the ELBO: perturbed cells, or every cell with
+        ``salient_prior="mixture"``.
+
+        With the mixture, a control's ``t`` is drawn from the escaper component
+        ``Normal(0, I)`` and not decoded (the decoder still sees ``t = 0``), so it leaves
+        the likelihood unchanged; its KL term teaches ``q(t | x)`` to place cells that
+        look like controls at 0, where the escaper component sits. Without it the
+        encoder is never asked where control-like cells go, and escapers of programs
+        with small salient means get middling responder probabilities.
+        """
+        if self.salient_prior_kind == "mixture":
+            return True
+        return ~batch["is_control"]
+
+    def responder_logit(self, batch: dict[str, Tensor], label: Tensor) -> Tensor:
+        """Each cell's responder logit: its label's, and ``-CERTAIN_LOGIT`` for controls,
+        which are escapers for certain."""
+        logit = self.responder_logits[label]
+        return torch.where(batch["is_control"], torch.full_like(logit, -CERTAIN_LOGIT), logit)
 
     def responder_probability(self, t: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """Posterior probability that ``t`` came from the responder component (mixture prior).

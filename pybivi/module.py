@@ -28,7 +28,9 @@ gives an unbiased estimate of the full-data ELBO. The guide mirrors it with two
 Gaussian encoders, ``q(z | x)`` and ``q(t | x)``. Controls mask ``t`` in BOTH the
 model and the guide: with ``TraceMeanField_ELBO`` the analytic KL is masked by the
 guide's mask, with ``Trace_ELBO`` the model's and guide's log-densities cancel only
-when both are masked. ``kl_weight`` scales the latent sites (KL warm-up) in both.
+when both are masked. With ``salient_prior="mixture"`` no cell is masked: a control's ``t``
+follows the escaper component and is not decoded (see ``salient_mask``).
+``kl_weight`` scales the latent sites (KL warm-up) in both.
 
 Contract (relied on by :mod:`pybivi.posterior`, :mod:`pybivi.tl.de`, :mod:`pybivi.tl.ppc`)
 ------------------------------------------------------------------------------------
@@ -75,8 +77,6 @@ from pybivi.nn import FrequencyDecoder, GaussianEncoder
 
 LIKELIHOODS = ("cme", "nb", "zinb")
 SALIENT_PRIORS = ("label", "standard", "mixture")
-# Logit of a responder share that is 0 for all purposes (controls under the mixture prior).
-CERTAIN_LOGIT = 30.0
 
 
 def _library(library: Tensor | float, like: Tensor) -> Tensor:
@@ -274,29 +274,8 @@ class ContrastiveModule(CovariateInjection, ResponderMixture, nn.Module):
         label = self._salient_label(batch)
         loc = self.salient_means[label]
         if self.salient_prior_kind == "mixture":
-            # Controls are escapers for certain: their t follows the escaper component.
-            logit = torch.where(
-                batch["is_control"],
-                torch.full_like(self.responder_logits[label], -CERTAIN_LOGIT),
-                self.responder_logits[label],
-            )
-            return responder_escaper_mixture(loc, logit)
+            return responder_escaper_mixture(loc, self.responder_logit(batch, label))
         return dist.Normal(loc, torch.ones_like(loc)).to_event(1)
-
-    def salient_mask(self, batch: dict[str, Tensor]) -> Tensor | bool:
-        """Cells whose ``t`` enters the ELBO: perturbed cells, or every cell with
-        ``salient_prior="mixture"``.
-
-        With the mixture, a control's ``t`` is drawn from the escaper component
-        ``Normal(0, I)`` and not decoded (the decoder still sees ``t = 0``), so it leaves
-        the likelihood unchanged; its KL term teaches ``q(t | x)`` to place cells that
-        look like controls at 0, where the escaper component sits. Without it the
-        encoder is never asked where control-like cells go, and escapers of programs
-        with small salient means get middling responder probabilities.
-        """
-        if self.salient_prior_kind == "mixture":
-            return True
-        return ~batch["is_control"]
 
     def likelihood_dist(self, decoded: dict[str, Tensor]) -> dist.Distribution:
         """Law of one cell's counts given the decoder output (event over genes)."""
@@ -389,7 +368,7 @@ class ContrastiveModule(CovariateInjection, ResponderMixture, nn.Module):
             return pyro.sample(name, self.likelihood_dist(decoded), obs=value if observe else None)
 
     def guide(self, batch: dict[str, Tensor], kl_weight: float = 1.0, observe: bool = True):
-        """Amortised mean-field guide ``q(z | x) q(t | x)``; ``t`` masked for controls."""
+        """Amortised mean-field guide ``q(z | x) q(t | x)``; ``t`` masked as in the model."""
         pyro.module(self.pyro_name, self)
         params = self.encode(batch)
         with self._plate(batch), poutine.scale(scale=kl_weight):

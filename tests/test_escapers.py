@@ -48,9 +48,12 @@ def test_mixture_prior_reduces_to_its_components_at_the_extreme_weights():
     batch = _batch(module)
     t = torch.randn(6, 2)
     loc = module.salient_means[batch["label"]]
+    control = batch["is_control"].unsqueeze(-1)
     for logit, centre in ((30.0, loc), (-30.0, torch.zeros_like(loc))):
         with torch.no_grad():
             module.responder_logits.fill_(logit)
+        # Controls are escapers whatever the shares.
+        centre = torch.where(control, torch.zeros_like(loc), centre)
         expected = dist.Normal(centre, 1.0).to_event(1).log_prob(t)
         got = module.salient_prior(batch).log_prob(t)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
