@@ -18,7 +18,6 @@ __all__ = [
     "MAX_GAP",
     "MAX_GAP_ENTRIES",
     "MAX_RUN_ENTRIES",
-    "MERGE_BY_ENTRIES",
     "CSRArrays",
     "csr_arrays",
     "dask_bounds",
@@ -37,9 +36,6 @@ MAX_GAP = 64
 #: compressed array is decompressed a whole chunk at a time, so there the gap is one
 #: chunk: two reads in one chunk would decompress it twice.
 MAX_GAP_ENTRIES = 1 << 16
-#: Whether rows of a sparse matrix read from its arrays share runs by stored entries (as
-#: above) besides rows (``MAX_GAP``).
-MERGE_BY_ENTRIES = True
 #: A run grown by the gaps above stops at this many stored entries (64 MB of float32
 #: values and int32 indices), so that scattered rows never read a large span at once.
 MAX_RUN_ENTRIES = 1 << 23
@@ -107,9 +103,7 @@ class CSRArrays:
         """
         starts = self.indptr[wanted].astype(np.int64)
         stops = self.indptr[wanted + 1].astype(np.int64)
-        apart = np.diff(wanted) > MAX_GAP
-        if MERGE_BY_ENTRIES:
-            apart &= starts[1:] - stops[:-1] > self.gap_entries
+        apart = (np.diff(wanted) > MAX_GAP) & (starts[1:] - stops[:-1] > self.gap_entries)
         runs = []
         for run in np.split(np.arange(len(wanted)), np.flatnonzero(apart) + 1):
             first = run[0]

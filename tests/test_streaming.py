@@ -148,7 +148,9 @@ def test_rows_come_from_disk_a_bounded_block_at_a_time(make_adata, tmp_path, mon
     monkeypatch.setattr(storage.CountStore, "read_slice", counted)
     monkeypatch.setattr(storage, "SCAN_BLOCK_SIZE", 32)
     monkeypatch.setattr(_disk_arrays, "MAX_GAP", 1)  # only consecutive rows share a read
-    monkeypatch.setattr(_disk_arrays, "MERGE_BY_ENTRIES", False)
+    # ... and no stored entries join two rows' reads (the store's arrays count as uncompressed)
+    monkeypatch.setattr(_disk_arrays, "MAX_GAP_ENTRIES", -1)
+    monkeypatch.setattr(_disk_arrays, "is_compressed", lambda array: False)
     pybivi.ContrastiveBiVI.setup_anndata(lazy)
     assert 0 < max(reads) <= 32 and sum(reads) == 2 * 200  # one pass per layer
     reads.clear()

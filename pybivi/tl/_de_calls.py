@@ -10,6 +10,7 @@ summaries and the credible interval.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,29 +30,18 @@ __all__ = ["UNKNOWN_SE", "CallSettings", "joint_calls", "separate_calls"]
 UNKNOWN_SE = 10.0
 
 
+@dataclass(frozen=True)
 class CallSettings:
     """How estimated lfcs become calls: shared by every comparison of one test."""
 
-    def __init__(
-        self,
-        delta: float,
-        *,
-        shrink: bool,
-        normalize: str | None,
-        n_posterior: int,
-        credible_mass: float,
-        fdr_target: float | None,
-        bf_threshold: float,
-        rng: np.random.Generator,
-    ) -> None:
-        self.delta = delta
-        self.shrink = shrink
-        self.normalize = normalize
-        self.n_posterior = n_posterior
-        self.credible_mass = credible_mass
-        self.fdr_target = fdr_target
-        self.bf_threshold = bf_threshold
-        self.rng = rng
+    delta: float
+    shrink: bool
+    normalize: str | None
+    n_posterior: int
+    credible_mass: float
+    fdr_target: float | None
+    bf_threshold: float
+    rng: np.random.Generator
 
     def centred(self, lfc: np.ndarray, se: np.ndarray) -> np.ndarray:
         """``lfc`` less its median over the measured genes, under ``median_ratio``."""

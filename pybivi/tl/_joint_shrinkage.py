@@ -63,7 +63,7 @@ def covariance_patterns(lfc: np.ndarray, cov: np.ndarray, z_strong: float = 3.0)
 
 def _gaussian_loglik(x: np.ndarray, total: np.ndarray) -> np.ndarray:
     """``log N(x; 0, total)`` for ``x (G, P)`` and ``total (G, K, P, P)`` -> ``(G, K)``."""
-    sign, logdet = np.linalg.slogdet(total)
+    _, logdet = np.linalg.slogdet(total)
     solved = np.linalg.solve(total, np.broadcast_to(x[:, None, :, None], total.shape[:-1] + (1,)))
     quad = np.einsum("gp,gkp->gk", x, solved[..., 0])
     return -0.5 * (x.shape[1] * np.log(2 * np.pi) + logdet + quad)
